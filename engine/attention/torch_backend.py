@@ -1,0 +1,72 @@
+"""Reference attention in plain torch: runs on CPU and GPU, defines what the kernels must compute.
+
+Decodes are computed together as one padded batch; each prefill chunk is computed on its own
+(a handful per step), so no tensor grows with (all queries x all keys of the batch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention.backend import AttentionBackend, AttentionMetadata
+
+
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Q, Hq, D], k/v [B, K, Hkv, D], mask [B, Q, K] bool (True = attend) -> out, lse [B, Q, Hq]."""
+    b, nq, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    qf = q.float().view(b, nq, hkv, g, d)
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", qf, k.float()) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [b, hkv, g, q]
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num_(0.0)
+    out = torch.einsum("bhgqk,bkhd->bqhgd", probs, v.float()).reshape(b, nq, hq, d)
+    return out.to(q.dtype), lse.permute(0, 3, 1, 2).reshape(b, nq, hq)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def write_kv(self, key, value, layer_cache, meta):
+        slots = meta.slot_mapping[: meta.num_tokens]
+        valid = slots >= 0
+        if not bool(valid.all()):
+            slots, key, value = slots[valid], key[: meta.num_tokens][valid], value[: meta.num_tokens][valid]
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        layer_cache[blocks, 0, offsets] = key[: len(slots)]
+        layer_cache[blocks, 1, offsets] = value[: len(slots)]
+
+    def _gather(self, layer_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int):
+        nblk = (max_len + self.block_size - 1) // self.block_size
+        kv = layer_cache[block_tables[:, :nblk].long()]  # [B, nblk, 2, bs, H, D]
+        b, _, _, bs, h, d = kv.shape
+        k = kv[:, :, 0].reshape(b, nblk * bs, h, d)[:, :max_len]
+        v = kv[:, :, 1].reshape(b, nblk * bs, h, d)[:, :max_len]
+        return k, v
+
+    def forward(self, query, layer_cache, meta, scale):
+        num_heads = query.shape[1]
+        out = torch.empty_like(query)
+        lse = torch.empty(query.shape[0], num_heads, dtype=torch.float32, device=query.device)
+        nd = meta.num_decodes
+        if nd:
+            max_len = max(meta.seq_lens_cpu[:nd])
+            k, v = self._gather(layer_cache, meta.block_tables[:nd], max_len)
+            pos = torch.arange(max_len, device=query.device)
+            mask = (pos[None, :] < meta.seq_lens[:nd, None])[:, None, :]  # [B, 1, K]
+            o, l = attention_with_lse(query[:nd].unsqueeze(1), k, v, mask, scale)
+            out[:nd], lse[:nd] = o[:, 0], l[:, 0]
+        s = nd  # decodes hold one token each
+        for i in range(nd, meta.num_reqs):
+            e, seq_len = s + meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
+            k, v = self._gather(layer_cache, meta.block_tables[i : i + 1], seq_len)
+            q_pos = torch.arange(seq_len - (e - s), seq_len, device=query.device)
+            mask = (torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None])[None]
+            o, l = attention_with_lse(query[s:e].unsqueeze(0), k, v, mask, scale)
+            out[s:e], lse[s:e] = o[0], l[0]
+            s = e
+        return out, lse

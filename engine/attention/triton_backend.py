@@ -1,0 +1,44 @@
+"""The GPU attention backend: Triton kernels for the KV write, decode and prefill.
+
+Decodes (the first ``num_decodes`` requests, one token each) go to the flash-decoding kernel,
+the rest of the batch to the varlen paged prefill kernel. Nothing here reads a device tensor on
+the host. On a decode-only step every size comes from tensor shapes (the batch is
+``seq_lens.shape[0]``, the splits from the block table's width), so a runner that pads the
+batch to a captured size — padded rows with ``seq_len`` 0, padded slots -1 — can replay the
+step as a CUDA graph; padded rows come back as zeros with lse -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.attention.triton_decode import paged_decode_attention
+from engine.attention.triton_kv_write import write_kv
+from engine.attention.triton_prefill import paged_prefill_attention
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, layer_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        write_kv(key, value, layer_cache, meta.slot_mapping)
+
+    def forward(self, query: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty_like(query)
+        lse = torch.empty(query.shape[0], query.shape[1], dtype=torch.float32, device=query.device)
+        nd = meta.num_decodes
+        if nd == meta.num_reqs:
+            b = min(query.shape[0], meta.seq_lens.shape[0])
+            paged_decode_attention(query[:b], layer_cache, meta.block_tables[:b], meta.seq_lens[:b], scale,
+                                   out=out[:b], lse=lse[:b])
+            return out, lse
+        if nd:
+            paged_decode_attention(query[:nd], layer_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+                                   out=out[:nd], lse=lse[:nd])
+        paged_prefill_attention(query, layer_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
+                                first_req=nd, num_reqs=meta.num_reqs - nd, max_query_len=meta.max_query_len,
+                                out=out, lse=lse)
+        return out, lse

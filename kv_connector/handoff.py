@@ -1,0 +1,374 @@
+"""Producer holds, consumer pulls: the bookkeeping every pull-model connector shares (zmq, inproc).
+
+A transport subclass only moves bytes; the life cycle of one hand-off lives here.
+
+Producer side (engine in kv_producer role, or kv_both with ``do_remote_decode``):
+
+1. **held** — ``request_finished`` puts the request's blocks in the ``HoldTable`` under the
+   producer's request id and returns ``kv_transfer_params`` (where the blocks are, which ids, how
+   many tokens, ``expires_at``). The scheduler keeps the blocks allocated.
+2. **serving** — a consumer reads them. A read *pins* the entry, so expiry can never free blocks
+   while bytes are still being read from them (zero-copy sends read them after ``send`` returns).
+3. **released** — the consumer says ``done`` (or ``release`` on abort), or the deadline passes.
+   Once nothing reads the blocks any more, ``get_finished`` reports the id in
+   ``finished_sending`` and the scheduler frees them.
+
+Consumer side (the request's ``kv_transfer_params`` carry ``remote_block_ids``):
+
+1. **matched** — ``get_num_new_matched_tokens`` → ``(num_tokens - num_computed_tokens, True)``.
+2. **allocated** — ``update_state_after_alloc`` pairs the remote blocks with local ones, skipping
+   the leading blocks already covered by local prefix hits.
+3. **loading** — ``build_connector_meta`` carries the load to the worker half until
+   ``start_load_kv`` starts it.
+4. **loaded** (``finished_recving``; the producer was told ``done``) | **failed**
+   (``failed_recving`` with the reason) | **aborted** (reported nowhere; the producer is told
+   ``release`` at once and no byte lands in the request's blocks after ``abort`` returns).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kv_connector.base import KVConnectorBase, KVConnectorRole, KVTransferConfig
+
+logger = logging.getLogger(__name__)
+
+# What must agree between the two caches for raw block bytes to mean the same thing.
+LAYOUT_KEYS = ("block_size", "num_layers", "num_kv_heads", "head_dim", "dtype", "block_bytes")
+
+
+def layout_mismatch(here: dict[str, Any], there: dict[str, Any], there_name: str) -> str | None:
+    """A readable error when two caches' block layouts differ, else None."""
+    keys = LAYOUT_KEYS + (("layout",) if "layout" in here and "layout" in there else ())
+    diffs = [f"{k} {here.get(k)!r} here != {there.get(k)!r} on {there_name}" for k in keys
+             if here.get(k) != there.get(k)]
+    if not diffs:
+        if here.get("model_id") != there.get("model_id"):  # paths differ across hosts: warn only
+            logger.warning("model_id %r here, %r on %s", here.get("model_id"), there.get("model_id"), there_name)
+        return None
+    return "KV layout mismatch: " + ", ".join(diffs)
+
+
+@dataclass
+class Load:
+    """One consumer pull: remote blocks [first, first + count) of a held request → local_block_ids."""
+
+    request_id: str
+    local_block_ids: list[int]
+    remote_engine_id: str
+    remote_host: str
+    remote_port: int
+    remote_request_id: str
+    first: int
+    count: int
+
+
+@dataclass
+class HandoffMeta:
+    """What the worker half must do this step. Falsy when there is nothing to do."""
+
+    loads: list[Load] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.loads)
+
+
+@dataclass
+class _Held:
+    block_ids: list[int]
+    deadline: float  # time.monotonic()
+    readers: int = 0
+    trackers: list[Any] = field(default_factory=list)  # objects with .done: bytes still being read
+    released: str | None = None  # "done" | "release" | "expired"
+
+
+class HoldTable:
+    """A producer's held requests. Written by the scheduler thread, read by a server thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, _Held] = {}
+
+    def hold(self, request_id: str, block_ids: list[int], ttl_s: float) -> None:
+        with self._lock:
+            self._held[request_id] = _Held(list(block_ids), time.monotonic() + ttl_s)
+
+    def pin(self, request_id: str, first: int, count: int) -> list[int] | str:
+        """The block ids to read, pinned until ``unpin``; or why they cannot be read."""
+        with self._lock:
+            h = self._held.get(request_id)
+            if h is None or h.released is not None or time.monotonic() > h.deadline:
+                return f"request {request_id!r} is not held here (unknown, expired or released)"
+            if first < 0 or count <= 0 or first + count > len(h.block_ids):
+                return f"blocks [{first}, {first + count}) out of range: {len(h.block_ids)} held"
+            h.readers += 1
+            return h.block_ids[first:first + count]
+
+    def unpin(self, request_id: str, trackers: list[Any] = ()) -> None:
+        with self._lock:
+            h = self._held.get(request_id)
+            if h is not None:
+                h.readers -= 1
+                h.trackers.extend(t for t in trackers if t is not None)
+
+    def release(self, request_id: str, reason: str) -> bool:
+        with self._lock:
+            h = self._held.get(request_id)
+            if h is None or h.released is not None:
+                return False
+            h.released = reason
+            return True
+
+    def poll(self) -> tuple[list[str], int]:
+        """(ids whose blocks may be freed now, how many expired in this call)."""
+        now, freed, expired = time.monotonic(), [], 0
+        with self._lock:
+            for rid, h in list(self._held.items()):
+                if h.released is None and now > h.deadline:
+                    h.released, expired = "expired", expired + 1
+                    logger.warning("held KV blocks of %s expired before a consumer released them", rid)
+                if h.released is not None and h.readers == 0 and all(t.done for t in h.trackers):
+                    del self._held[rid]
+                    freed.append(rid)
+        return freed, expired
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._held), sum(len(h.block_ids) for h in self._held.values())
+
+
+class HandoffConnector(KVConnectorBase):
+    """The scheduler half and the block I/O of a pull connector; transports fill in the hooks."""
+
+    name = "handoff"
+
+    def __init__(self, config: KVTransferConfig) -> None:
+        super().__init__(config)
+        self.expiry_s = float(config.extra("expiry_s", 120.0))
+        self.holds = HoldTable()
+        self.kv_cache: torch.Tensor | None = None
+        self.wire_layout: dict[str, Any] = {}
+        self._blocks: torch.Tensor | None = None  # [num_blocks, block_bytes] uint8 view of kv_cache
+        self._blocks_np: np.ndarray | None = None  # the same memory, for CPU caches
+        self._copy_stream: Any = None  # device caches: where loads are uploaded
+        # Consumer state, scheduler thread only.
+        self._remote: dict[str, dict[str, Any]] = {}  # hand-offs we still owe a done/release
+        self._matched: dict[str, int] = {}  # request_id -> locally computed tokens at match time
+        self._unstarted: dict[str, Load] = {}
+        self._pending: set[str] = set()  # loads whose result get_finished has yet to report
+        # Written by transport threads.
+        self._recved: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._failed: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._counters_lock = threading.Lock()
+        self._counters = dict(bytes_sent=0, bytes_received=0, transfers=0, failures=0, expired=0,
+                              released_early=0, aborted=0)
+        self._closed = False
+
+    # ---- transport hooks ------------------------------------------------------------------------
+
+    @abstractmethod
+    def _start_transport(self) -> None: ...
+
+    @abstractmethod
+    def _endpoint(self) -> tuple[str, int]: ...
+
+    @abstractmethod
+    def _start_load(self, load: Load) -> None: ...
+
+    @abstractmethod
+    def _cancel_load(self, request_id: str) -> None:
+        """Synchronous: no byte may be written for request_id once this returns."""
+
+    @abstractmethod
+    def _release_remote(self, params: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def _stop_transport(self) -> None: ...
+
+    # ---- called by transports --------------------------------------------------------------------
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._counters_lock:
+            self._counters[key] += n
+
+    def load_done(self, request_id: str) -> None:
+        self._recved.put(request_id)
+
+    def load_failed(self, request_id: str, why: str) -> None:
+        self._failed.put((request_id, why))
+
+    def write_blocks(self, local_ids: np.ndarray, src: torch.Tensor | np.ndarray) -> None:
+        """Copy ``src`` ([n, block_bytes] uint8) into local blocks ``local_ids``."""
+        n = len(local_ids)
+        contiguous = n == 1 or bool(np.all(np.diff(local_ids) == 1))
+        if self._blocks_np is not None:
+            src_np = src.cpu().numpy() if isinstance(src, torch.Tensor) else src
+            if contiguous:
+                self._blocks_np[local_ids[0]:local_ids[0] + n] = src_np
+            else:
+                self._blocks_np[local_ids] = src_np
+            return
+        # Device cache: a side stream, so the upload neither waits for nor blocks the forward; we
+        # wait for it because the caller reuses its (pinned) source buffer for the next frame.
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self._blocks.device)
+        src_t = torch.from_numpy(src) if isinstance(src, np.ndarray) else src
+        with torch.cuda.stream(self._copy_stream):
+            src_t = src_t.to(self._blocks.device, non_blocking=True)
+            if contiguous:
+                self._blocks[int(local_ids[0]):int(local_ids[0]) + n].copy_(src_t)
+            else:
+                self._blocks.index_copy_(0, torch.from_numpy(local_ids).to(self._blocks.device), src_t)
+        self._copy_stream.synchronize()
+
+    # ---- scheduler half ---------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        params = request.kv_transfer_params
+        if (self.role == KVConnectorRole.PRODUCER or not params or "remote_block_ids" not in params
+                or params.get("do_remote_prefill") is False):
+            return 0, False
+        rid = request.request_id
+        if time.time() > float(params.get("expires_at", math.inf)):
+            logger.warning("kv_transfer_params of %s expired: recomputing its prefill locally", rid)
+            return 0, False
+        # Leave at least one token to compute: the step that samples needs its logits.
+        num_request_tokens = getattr(request, "num_tokens", len(request.prompt_token_ids))
+        n = min(int(params["num_tokens"]), num_request_tokens - 1) - num_computed_tokens
+        if n <= 0:  # local prefix hits cover it: free the producer's copy now, not at expiry
+            self._release_remote(params)
+            self.count("released_early")
+            return 0, False
+        self._remote[rid] = params
+        self._matched[rid] = num_computed_tokens
+        return n, True
+
+    def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
+        rid = request.request_id
+        num_local = self._matched.pop(rid, None)
+        if num_local is None or num_external_tokens == 0:
+            return
+        params = self._remote[rid]
+        bs = self.wire_layout["block_size"]
+        skip = num_local // bs  # prefix hits are whole blocks
+        count = -(-(num_local + num_external_tokens) // bs) - skip
+        self._pending.add(rid)
+        if params.get("kv_connector", self.name) != self.name:
+            self.load_failed(rid, f"kv_transfer_params come from a {params['kv_connector']!r} producer; "
+                                  f"this engine's connector is {self.name!r}")
+            return
+        if len(block_ids) < skip + count or len(params["remote_block_ids"]) < skip + count:
+            self.load_failed(rid, f"need blocks [{skip}, {skip + count}): {len(block_ids)} allocated, "
+                                  f"{len(params['remote_block_ids'])} remote")
+            return
+        self._unstarted[rid] = Load(rid, list(block_ids[skip:skip + count]), params["remote_engine_id"],
+                                    params["remote_host"], int(params["remote_port"]),
+                                    params["remote_request_id"], skip, count)
+
+    def build_connector_meta(self, scheduled: dict[str, int]) -> HandoffMeta:
+        # Loads stay here until start_load_kv takes them, so a step that skips the call loses none.
+        return HandoffMeta(list(self._unstarted.values()))
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        if rid in self._remote or rid in self._pending:
+            self.abort(rid)  # finished before its load did: its blocks are about to be freed
+        if not self._sends(request, block_ids):
+            return False, None
+        self.holds.hold(rid, block_ids, self.expiry_s)
+        host, port = self._endpoint()
+        return True, {
+            "kv_connector": self.name, "remote_engine_id": self.engine_id, "remote_host": host,
+            "remote_port": port, "remote_block_ids": list(block_ids), "remote_request_id": rid,
+            "num_tokens": int(request.num_computed_tokens), "expires_at": time.time() + self.expiry_s,
+            "block_size": self.wire_layout["block_size"],
+        }
+
+    def _sends(self, request: Any, block_ids: list[int]) -> bool:
+        if self.role == KVConnectorRole.CONSUMER or not block_ids or request.num_computed_tokens <= 0:
+            return False
+        # Only a prefill that stopped for length (its max_tokens=1) continues elsewhere: one that
+        # hit EOS or a stop string is complete, and nobody comes for an aborted one.
+        if getattr(getattr(request, "status", None), "finish_reason", "length") != "length":
+            return False
+        return bool((request.kv_transfer_params or {}).get("do_remote_decode"))
+
+    # ---- worker half --------------------------------------------------------------------------------
+
+    def register_kv_cache(self, kv_cache: torch.Tensor, layout: dict[str, Any]) -> None:
+        expect = (layout["num_layers"], 2, layout["block_size"], layout["num_kv_heads"], layout["head_dim"])
+        if tuple(kv_cache.shape[1:]) != expect or not kv_cache.is_contiguous():
+            raise ValueError(f"kv_cache shape {tuple(kv_cache.shape)} is not a contiguous [num_blocks, *{expect}]")
+        if str(kv_cache.dtype).removeprefix("torch.") != layout["dtype"]:
+            raise ValueError(f"kv_cache dtype {kv_cache.dtype} != layout dtype {layout['dtype']}")
+        self.kv_cache = kv_cache
+        self._blocks = kv_cache.view(kv_cache.shape[0], -1).view(torch.uint8)
+        self._blocks_np = self._blocks.numpy() if kv_cache.device.type == "cpu" else None
+        self.wire_layout = {**layout, "block_bytes": self._blocks.shape[1]}
+        self._start_transport()
+
+    def start_load_kv(self, meta: HandoffMeta | None) -> None:
+        for load in meta.loads if meta else ():
+            if self._unstarted.get(load.request_id) is load:
+                del self._unstarted[load.request_id]
+                self._start_load(load)
+
+    def get_finished(self) -> tuple[set[str], set[str], dict[str, str]]:
+        sent, expired = self.holds.poll()
+        if expired:
+            self.count("expired", expired)
+        recved: set[str] = set()
+        failed: dict[str, str] = {}
+        while not self._recved.empty():
+            recved.add(self._recved.get())
+        while not self._failed.empty():
+            rid, why = self._failed.get()
+            failed[rid] = why
+        # Only what is still pending: an aborted load's late result is nobody's business.
+        recved &= self._pending
+        failed = {rid: why for rid, why in failed.items() if rid in self._pending and rid not in recved}
+        for rid in recved | failed.keys():
+            self._pending.discard(rid)
+            self._remote.pop(rid, None)
+        if failed:
+            self.count("failures", len(failed))
+            for rid, why in failed.items():
+                logger.error("KV load of %s failed: %s", rid, why)
+        return set(sent), recved, failed
+
+    def abort(self, request_id: str) -> None:
+        # Producer side: nobody will come for these blocks; free them now, not at expiry.
+        if self.holds.release(request_id, "aborted"):
+            self.count("released_early")
+        self._matched.pop(request_id, None)
+        self._unstarted.pop(request_id, None)
+        if request_id in self._pending:
+            self._pending.discard(request_id)
+            self._cancel_load(request_id)
+        params = self._remote.pop(request_id, None)
+        if params is not None:
+            self._release_remote(params)
+            self.count("aborted")
+
+    def stats(self) -> dict[str, Any]:
+        held_requests, held_blocks = self.holds.counts()
+        with self._counters_lock:
+            counters = dict(self._counters)
+        return {"connector": self.name, "role": self.role.value, **counters, "held_requests": held_requests,
+                "held_blocks": held_blocks, "loads_in_flight": len(self._pending)}
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_transport()

@@ -1,0 +1,1 @@
+"""The ``kvfabric`` command line: offline generation, the serving topology, benchmarks."""

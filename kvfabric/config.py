@@ -1,0 +1,93 @@
+"""The one configuration file (YAML) for a whole topology, and how flags override it.
+
+Sections: ``model``/``dtype``/``device`` at the top; ``engine`` (EngineConfig fields shared by
+every engine); ``proxy``; ``prefill`` and ``decode`` (instances, ports); ``kv_transfer_config``
+(vLLM-style: ``kv_connector`` and ``kv_connector_extra_config``); ``tiers`` (storage tiers).
+Unknown keys are an error naming them, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class EngineSection:
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    kv_cache_bytes: int | None = None
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+
+
+@dataclass
+class ProxySection:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+
+
+@dataclass
+class RoleSection:
+    instances: int = 1
+    host: str = "127.0.0.1"  # services bind to loopback unless told otherwise
+    ports: list[int] = field(default_factory=list)  # empty: chosen free at start-up
+    dcp_size: int = 1
+
+
+@dataclass
+class KVFabricConfig:
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    engine: EngineSection = field(default_factory=EngineSection)
+    proxy: ProxySection = field(default_factory=ProxySection)
+    prefill: RoleSection = field(default_factory=RoleSection)
+    decode: RoleSection = field(default_factory=RoleSection)
+    kv_transfer_config: dict[str, Any] = field(default_factory=lambda: {"kv_connector": "zmq"})
+    tiers: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "KVFabricConfig":
+        if path is None:
+            return cls()
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path}: expected a mapping at the top level")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "KVFabricConfig":
+        return _build(cls, data, source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _build(kind: type, data: dict[str, Any], where: str):
+    known = {f.name: f for f in fields(kind)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    values = {}
+    for name, value in data.items():
+        default = known[name].default_factory() if callable(known[name].default_factory) else None
+        if hasattr(default, "__dataclass_fields__"):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}.{name}: expected a mapping")
+            value = _build(type(default), value, f"{where}.{name}")
+        values[name] = value
+    return kind(**values)

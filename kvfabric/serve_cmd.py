@@ -1,0 +1,97 @@
+"""``kvfabric serve prefill|decode|colocated|proxy``: run one piece of the topology alone."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import asdict
+
+from kvfabric.config import KVFabricConfig
+from kvfabric.overrides import add_config_flags, apply_config_flags
+
+logger = logging.getLogger("kvfabric.serve")
+
+ROLES = ("prefill", "decode", "colocated", "proxy")
+_KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run one service: prefill, decode, colocated or proxy")
+    p.add_argument("role", choices=ROLES)
+    add_config_flags(p)
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--prefill", action="append", default=[], help="proxy: a prefill instance host:port")
+    p.add_argument("--decode", action="append", default=[], help="proxy: a decode instance host:port")
+    p.add_argument("--colocated", action="append", default=[], help="proxy: a colocated instance host:port")
+
+
+def build_engine(cfg: KVFabricConfig, role: str):
+    """An engine for ``role`` with the connector the config names (none when colocated)."""
+    from engine import EngineConfig, LLMEngine
+
+    engine_cfg = EngineConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, **asdict(cfg.engine))
+    connector = None
+    if role in _KV_ROLES:
+        from kv_connector import KVTransferConfig, create_connector
+
+        ktc = KVTransferConfig.from_dict({**cfg.kv_transfer_config, "kv_role": _KV_ROLES[role]})
+        connector = create_connector(ktc)
+    try:
+        return LLMEngine(engine_cfg, kv_connector=connector)
+    except BaseException:
+        if connector is not None:
+            connector.shutdown()
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = apply_config_flags(KVFabricConfig.load(args.config), args)
+    if args.role == "proxy":
+        from proxy.config import ProxyConfig
+        from proxy.server import serve
+
+        serve(ProxyConfig.from_kvfabric(cfg, args))
+        return 0
+    host = args.host or getattr(cfg, "prefill" if args.role == "prefill" else "decode").host
+    if args.port is None:
+        raise ValueError(f"serve {args.role} needs --port")
+    asyncio.run(_serve_engine(cfg, args.role, host, args.port))
+    return 0
+
+
+async def _serve_engine(cfg: KVFabricConfig, role: str, host: str, port: int) -> None:
+    import grpc
+
+    from engine.async_engine import AsyncEngine
+    from protos import kvfabric_pb2_grpc as pb_grpc
+
+    engine = AsyncEngine(build_engine(cfg, role))
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    if role == "prefill":
+        from prefill_svc.servicer import PrefillServicer
+
+        pb_grpc.add_PrefillServiceServicer_to_server(PrefillServicer(engine, model_name(cfg)), server)
+    else:
+        from decode_svc.servicer import DecodeServicer
+
+        pb_grpc.add_DecodeServiceServicer_to_server(DecodeServicer(engine, model_name(cfg), role), server)
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    logger.info("%s service on %s:%d (pid %d)", role, host, port, os.getpid())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("%s service stopping", role)
+    await server.stop(grace=2.0)
+    engine.shutdown()
+
+
+def model_name(cfg: KVFabricConfig) -> str:
+    return cfg.proxy.served_model_name or (os.path.basename(cfg.model.rstrip("/")) if cfg.model
+                                           else "SmolLM2-135M-Instruct")

@@ -1,0 +1,166 @@
+"""``kvfabric up``: proxy + prefill + decode on this machine, supervised, from one config.
+
+Each piece is the same ``kvfabric serve ROLE`` command docker-compose runs. Internal ports are
+picked free at start-up so two ``up``s can run side by side. A piece that dies is restarted
+(with backoff); SIGINT or SIGTERM stops every child, and children are tied to this process's
+life (PR_SET_PDEATHSIG) so even a hard kill of ``up`` leaves no orphan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from kvfabric.config import KVFabricConfig
+from kvfabric.overrides import add_config_flags, apply_config_flags
+
+logger = logging.getLogger("kvfabric.up")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("up", help="start proxy + prefill + decode on this machine")
+    add_config_flags(p)
+    p.add_argument("--port", type=int, default=None, help="the proxy's port (default 8000)")
+    p.add_argument("--colocated", action="store_true", help="one engine does both phases (no prefill instance)")
+    p.add_argument("--ready-timeout", type=float, default=300.0)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
+
+    def start(self) -> None:
+        logger.info("starting %s: %s", self.name, " ".join(self.argv))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "KVFABRIC_PROCESS": self.name}
+        self.proc = subprocess.Popen(self.argv, env=env, preexec_fn=_die_with_parent)
+        self.started_at = time.monotonic()
+
+
+def build_children(cfg: KVFabricConfig, config_path: Path, colocated: bool) -> tuple[list[Child], dict]:
+    exe = [sys.executable, "-m", "kvfabric.cli"]
+    children, addrs = [], {"prefill": [], "decode": []}
+    roles = ["decode"] if colocated else ["prefill", "decode"]
+    for role in roles:
+        section = getattr(cfg, role)
+        for i in range(section.instances):
+            port = section.ports[i] if i < len(section.ports) else free_port(section.host)
+            addrs[role].append(f"{section.host}:{port}")
+            serve_role = "colocated" if colocated else role
+            children.append(Child(f"{role}{i}", exe + ["serve", serve_role, "--config", str(config_path),
+                                                      "--host", section.host, "--port", str(port)]))
+    proxy_argv = exe + ["serve", "proxy", "--config", str(config_path), "--port", str(cfg.proxy.port)]
+    for a in addrs["prefill"]:
+        proxy_argv += ["--prefill", a]
+    for a in addrs["decode"]:
+        proxy_argv += ["--colocated" if colocated else "--decode", a]
+    children.append(Child("proxy", proxy_argv))
+    return children, addrs
+
+
+def _wait_ready(url: str, children: list[Child], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(c.proc.poll() is not None for c in children):
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = apply_config_flags(KVFabricConfig.load(args.config), args)
+    if args.port is not None:
+        cfg.proxy.port = args.port
+    workdir = Path(tempfile.mkdtemp(prefix="kvfabric-up-"))
+    config_path = workdir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    children, addrs = build_children(cfg, config_path, args.colocated)
+
+    stopping = False
+
+    def stop(signum, _frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for c in children:
+        c.start()
+    url = f"http://127.0.0.1:{cfg.proxy.port}"
+    if _wait_ready(url + "/health", children, args.ready_timeout):
+        logger.info("kvfabric up: %s/v1  (prefill %s, decode %s)", url, addrs["prefill"] or "-", addrs["decode"])
+        print(f"kvfabric is serving at {url}/v1 — Ctrl-C to stop", flush=True)
+    elif not stopping:
+        logger.error("the topology did not become ready within %.0f s", args.ready_timeout)
+        stopping = True
+    try:
+        while not stopping:
+            time.sleep(0.2)
+            for c in children:
+                code = c.proc.poll()
+                if code is None or stopping:
+                    continue
+                if c.next_start == 0.0:
+                    backoff = min(30.0, 2.0 ** min(c.restarts, 5)) if time.monotonic() - c.started_at < 60 else 1.0
+                    logger.warning("%s exited with %s; restarting in %.0f s", c.name, code, backoff)
+                    c.next_start = time.monotonic() + backoff
+                elif time.monotonic() >= c.next_start:
+                    c.restarts += 1
+                    c.next_start = 0.0
+                    c.start()
+    finally:
+        shutdown(children)
+    return 0
+
+
+def shutdown(children: list[Child], grace: float = 10.0) -> None:
+    for c in children:
+        if c.proc and c.proc.poll() is None:
+            c.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for c in children:
+        if c.proc is None:
+            continue
+        try:
+            c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop in %.0f s; killing it", c.name, grace)
+            c.proc.kill()
+            c.proc.wait()
+    logger.info("all processes stopped")

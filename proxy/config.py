@@ -1,0 +1,65 @@
+"""What one proxy process serves and where its engines are."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ProxyConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_names: list[str] = field(default_factory=lambda: ["SmolLM2-135M-Instruct"])
+    tokenizer_dir: str | None = None  # an HF-format directory with the tokenizer (and chat template)
+    max_model_len: int | None = None  # None: the smallest the engines report, else the model's config
+    prefill_addrs: list[str] = field(default_factory=list)  # host:port of PrefillService instances
+    decode_addrs: list[str] = field(default_factory=list)  # DecodeService instances in consumer role
+    colocated_addrs: list[str] = field(default_factory=list)  # DecodeService instances doing both phases
+    api_key: str | None = None  # None: taken from KVFABRIC_API_KEY when set
+    health_interval_s: float = 5.0
+    health_timeout_s: float = 2.0
+    prefill_timeout_s: float = 600.0  # a deadline for one Prefill RPC (long prompts queue)
+    generate_timeout_s: float = 3600.0  # a deadline for one whole Generate stream
+    abort_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.api_key is None:
+            self.api_key = os.environ.get("KVFABRIC_API_KEY") or None
+        if not self.served_model_names:
+            raise ValueError("the proxy needs at least one served model name")
+        if not (self.decode_addrs or self.colocated_addrs):
+            raise ValueError("the proxy needs at least one decode or colocated instance")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len={self.max_model_len} leaves no room to generate")
+
+    @property
+    def default_model(self) -> str:
+        return self.served_model_names[0]
+
+    @classmethod
+    def from_kvfabric(cls, cfg: Any, args: Any, model_dir: str | None = None) -> "ProxyConfig":
+        """From the topology config and ``kvfabric serve proxy`` flags.
+
+        ``model_dir`` is the resolved model directory; the caller resolves the bundled default
+        model (that takes engine code, which the proxy must not import).
+        """
+        tokenizer_dir = model_dir or cfg.model
+        if tokenizer_dir is None:
+            raise ValueError("the proxy needs the model directory for its tokenizer: pass model_dir "
+                             "(e.g. engine.models.resolve_model_path(None)) or set `model`")
+        name = cfg.proxy.served_model_name or os.path.basename(str(cfg.model or tokenizer_dir).rstrip("/"))
+        if cfg.model is None and not cfg.proxy.served_model_name:
+            name = "SmolLM2-135M-Instruct"
+        return cls(
+            host=getattr(args, "host", None) or cfg.proxy.host,
+            port=getattr(args, "port", None) or cfg.proxy.port,
+            served_model_names=[name],
+            tokenizer_dir=str(tokenizer_dir),
+            max_model_len=cfg.engine.max_model_len,
+            prefill_addrs=list(getattr(args, "prefill", []) or []),
+            decode_addrs=list(getattr(args, "decode", []) or []),
+            colocated_addrs=list(getattr(args, "colocated", []) or []),
+            api_key=getattr(args, "api_key", None) or cfg.proxy.api_key,
+        )
