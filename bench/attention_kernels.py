@@ -150,12 +150,14 @@ def bench_prefill(num_tokens: int, floors: dict, device: torch.device, sdpa: boo
 
 
 DECODE_SWEEP = [dict(BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in
-                [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 2, 2), (128, 4, 2), (128, 8, 2), (128, 4, 3)]]
+                [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (32, 4, 3)]]
 SPLIT_SWEEP = [1, 2, 4, 8]  # PROGRAMS_PER_SM
-SWEEP_DECODE_BATCHES, SWEEP_SPLIT_BATCHES, SWEEP_PREFILL_TOKENS = (1, 32, 256), (1, 8, 32), (2048, 8192)
-PREFILL_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in
-                 [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3),
-                  (64, 64, 4, 3), (64, 128, 4, 2)]]
+SWEEP_DECODE_BATCHES, SWEEP_SPLIT_BATCHES, SWEEP_PREFILL_TOKENS = (1, 32, 256), (8, 16, 32), (512, 2048, 8192)
+PREFILL_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st, PACK_GQA=pk) for m, n, w, st, pk in
+                 [(128, 64, 8, 3, False), (128, 64, 4, 3, False), (128, 128, 8, 2, False), (128, 128, 8, 3, False),
+                  (64, 64, 4, 3, False), (64, 64, 4, 4, False), (64, 128, 4, 2, False),
+                  (128, 64, 8, 3, True), (128, 64, 4, 3, True), (128, 128, 8, 2, True), (64, 64, 4, 3, True),
+                  (128, 32, 4, 3, True)]]
 
 
 def sweep(floors: dict, device: torch.device) -> dict:
@@ -278,7 +280,8 @@ def main(argv=None) -> None:
             f"pps{r['programs_per_sm']} B{r['batch']} S{r.get('num_splits')} "
             + (f"{r['triton_graph_ms'] * 1e3:.1f}" if "error" not in r else "ERR") for r in sw["decode_splits"]))
         print("sweep prefill tile (us): " + "; ".join(
-            f"M{r['BLOCK_M']}N{r['BLOCK_N']}w{r['num_warps']}s{r['num_stages']} T{r.get('tokens')} "
+            f"M{r['BLOCK_M']}N{r['BLOCK_N']}w{r['num_warps']}s{r['num_stages']}{'p' if r['PACK_GQA'] else ''} "
+            f"T{r.get('tokens')} "
             + (f"{r['triton_do_bench_ms'] * 1e3:.0f}" if "error" not in r else "ERR") for r in sw["prefill_tile"]))
 
 

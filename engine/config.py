@@ -13,7 +13,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 @dataclass
 class EngineConfig:
-    model: str | None = None  # HF-format directory; None = the bundled SmolLM2-135M-Instruct
+    model: str | None = None  # HF-format directory, preset:NAME, or None = the bundled SmolLM2-135M-Instruct
+    load_format: str = "auto"  # auto | safetensors | dummy (random weights, for benchmarks)
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     device: str = "auto"  # auto: cuda if available
     block_size: int = 16

@@ -47,7 +47,7 @@ class LLMEngine:
         self.dtype = config.torch_dtype()
         torch.manual_seed(config.seed)
         self.model_path = resolve_model_path(config.model)
-        self.model, self.model_config = load_model(self.model_path, self.dtype, self.device)
+        self.model, self.model_config = load_model(self.model_path, self.dtype, self.device, config.load_format)
         self.tokenizer = load_tokenizer(self.model_path)
         mc = self.model_config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings

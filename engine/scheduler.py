@@ -78,6 +78,7 @@ class Scheduler:
         self._pending_load_tokens: dict[str, int] = {}  # request_id -> tokens computed once loaded
         self._finished_since_step: list[Request] = []
         self.num_preemptions = 0
+        self.num_aborted = 0
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -101,6 +102,7 @@ class Scheduler:
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
+        self.num_aborted += status == RequestStatus.FINISHED_ABORTED
         if req in self.running:
             self.running.remove(req)
         elif req.request_id in self.waiting_for_remote_kv:
@@ -262,5 +264,6 @@ class Scheduler:
             "num_waiting_for_remote_kv": len(self.waiting_for_remote_kv),
             "num_held_for_transfer": len(self.held),
             "num_preemptions": self.num_preemptions,
+            "num_aborted": self.num_aborted,
             "num_blocks_held_for_transfer": sum(len(self.kv.get_block_ids(r)) for r in self.held),
         }

@@ -6,10 +6,14 @@ import argparse
 import logging
 import sys
 
-from kvfabric import generate_cmd
+from kvfabric import bench_cmd, generate_cmd, health_cmd, serve_cmd, up_cmd
 
 COMMANDS = {
+    "up": up_cmd,
+    "serve": serve_cmd,
     "generate": generate_cmd,
+    "bench": bench_cmd,
+    "health": health_cmd,
 }
 
 

@@ -35,6 +35,7 @@ class ProxySection:
     port: int = 8000
     api_key: str | None = None
     served_model_name: str | None = None
+    health_interval_s: float = 5.0  # how often the proxy checks each engine
 
 
 @dataclass

@@ -51,10 +51,11 @@ def build_engine(cfg: KVFabricConfig, role: str):
 def run(args: argparse.Namespace) -> int:
     cfg = apply_config_flags(KVFabricConfig.load(args.config), args)
     if args.role == "proxy":
+        from engine.models import resolve_model_path  # the proxy needs the tokenizer directory only
         from proxy.config import ProxyConfig
         from proxy.server import serve
 
-        serve(ProxyConfig.from_kvfabric(cfg, args))
+        serve(ProxyConfig.from_kvfabric(cfg, args, model_dir=str(resolve_model_path(cfg.model))))
         return 0
     host = args.host or getattr(cfg, "prefill" if args.role == "prefill" else "decode").host
     if args.port is None:

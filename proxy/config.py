@@ -62,4 +62,5 @@ class ProxyConfig:
             decode_addrs=list(getattr(args, "decode", []) or []),
             colocated_addrs=list(getattr(args, "colocated", []) or []),
             api_key=getattr(args, "api_key", None) or cfg.proxy.api_key,
+            health_interval_s=cfg.proxy.health_interval_s,
         )

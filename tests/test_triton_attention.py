@@ -249,11 +249,17 @@ def _prefill_requests():
     return reqs
 
 
+@pytest.mark.parametrize("pack_gqa", [pytest.param(False, id="per-head"), pytest.param(True, id="packed")])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
-def test_prefill_matches_reference_and_writes_only_its_rows(dtype, head_dim, num_heads, num_kv_heads):
-    _seed("prefill", dtype, head_dim, num_heads, num_kv_heads)
+def test_prefill_matches_reference_and_writes_only_its_rows(dtype, head_dim, num_heads, num_kv_heads, pack_gqa,
+                                                            monkeypatch):
+    from engine.attention import triton_prefill
+
+    for tile in (triton_prefill.TILE, triton_prefill.TILE_LARGE):
+        monkeypatch.setitem(tile, "PACK_GQA", pack_gqa)
+    _seed("prefill", dtype, head_dim, num_heads, num_kv_heads, pack_gqa)
     decodes = [(1, 5), (1, 33)]
     reqs = decodes + _prefill_requests()
     q_lens, s_lens = [q for q, _ in reqs], [s for _, s in reqs]

@@ -129,13 +129,16 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_blocks_per_seq: int, block_size: int, num_sms: int) -> int:
-    """Enough programs to cover the SMs PROGRAMS_PER_SM times over, from shapes only (CUDA-graph safe).
+    """From shapes only (CUDA-graph safe): none when batch x KV heads fills the SMs already, else
+    enough splits to cover the SMs PROGRAMS_PER_SM times over.
 
     Capped by the number of key tiles the block table can hold, so no slice is empty on the
     longest sequence that the table allows, and by MAX_SPLITS, which bounds the merge's work.
     """
+    if batch * num_kv_heads >= num_sms:
+        return 1  # a full wave without splitting: measured faster than paying for partials and a merge
     max_tiles = max(1, math.ceil(max_blocks_per_seq * block_size / TILE["BLOCK_N"]))
-    want = math.ceil(PROGRAMS_PER_SM * num_sms / max(1, batch * num_kv_heads))
+    want = math.ceil(PROGRAMS_PER_SM * num_sms / (batch * num_kv_heads))
     return max(1, min(want, max_tiles, MAX_SPLITS))
 
 

@@ -62,10 +62,12 @@ def _prefill_kernel(
     stride_ot, stride_oh, stride_lt, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PACK_GQA: tl.constexpr, TOKENS: tl.constexpr,  # TOKENS: query tokens per tile (BLOCK_M / GROUP if packed)
 ):
     req = first_req + tl.program_id(0)
-    m_start = tl.program_id(1) * BLOCK_M
-    head = tl.program_id(2)
+    # Causal tiles further down a prompt have more keys: hand them out first, so the last wave
+    # is made of short tiles rather than one long one.
+    m_start = (tl.num_programs(1) - 1 - tl.program_id(1)) * TOKENS
     q_start = tl.load(query_start_loc_ptr + req)
     q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
     if m_start >= q_len:
@@ -73,25 +75,33 @@ def _prefill_kernel(
     seq_len = tl.load(seq_lens_ptr + req)
     context = seq_len - q_len  # keys before the first query: cached prefix or earlier chunks
 
-    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    if PACK_GQA:  # rows are (token, head of the group) pairs: one K/V tile serves the whole group
+        kv_head = tl.program_id(2)
+        offs_m = m_start + offs_r // GROUP
+        heads = kv_head * GROUP + offs_r % GROUP
+    else:
+        kv_head = tl.program_id(2) // GROUP
+        offs_m = m_start + offs_r
+        heads = tl.program_id(2) + offs_r * 0
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < q_len
     d_mask = offs_d < HEAD_DIM
     q_pos = context + offs_m
     tokens = (q_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = cache_ptr + (head // GROUP) * stride_ch + offs_d[None, :]
+    k_base = cache_ptr + kv_head * stride_ch + offs_d[None, :]
     table = block_tables_ptr + req.to(tl.int64) * stride_bt
 
     first_pos = context + m_start
     unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N  # every key below is visible to every row
-    end = tl.minimum(seq_len, first_pos + BLOCK_M)
+    end = tl.minimum(seq_len, first_pos + TOKENS)
     for n0 in range(0, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, table, n0, q_pos, seq_len, qk_scale, offs_n, d_mask,
                                      stride_cb, stride_ckv, stride_ct, BLOCK_SIZE, False, DOT_PRECISION)
@@ -101,13 +111,15 @@ def _prefill_kernel(
 
     out = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+    tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-    tl.store(lse_ptr + tokens * stride_lt + head * stride_lh, lse, mask=m_mask)
+    tl.store(lse_ptr + tokens * stride_lt + heads * stride_lh, lse, mask=m_mask)
 
 
-TILE = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)  # 16-bit, head_dim <= 128; see --sweep
-TILE_LARGE = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)  # float32 or head_dim > 128
+# PACK_GQA: a tile's rows are BLOCK_M / GROUP tokens x the GROUP query heads of one KV head, so
+# K/V tiles are fetched once per group instead of once per query head.
+TILE = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, PACK_GQA=False)  # 16-bit, head_dim <= 128; --sweep
+TILE_LARGE = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PACK_GQA=False)  # float32 or head_dim > 128
 
 
 def _config(dtype: torch.dtype, head_dim: int) -> dict:
@@ -140,14 +152,17 @@ def paged_prefill_attention(
     _, _, block_size, num_kv_heads, _ = layer_cache.shape
     if query.stride(-1) != 1 or layer_cache.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("paged_prefill_attention needs unit stride along head_dim")
-    cfg = _config(query.dtype, head_dim)
-    grid = (num_reqs, triton.cdiv(max_query_len, cfg["BLOCK_M"]), num_heads)
+    cfg = dict(_config(query.dtype, head_dim))
+    group = num_heads // num_kv_heads
+    pack = cfg.pop("PACK_GQA") and group > 1 and cfg["BLOCK_M"] % group == 0
+    tokens = cfg["BLOCK_M"] // group if pack else cfg["BLOCK_M"]
+    grid = (num_reqs, triton.cdiv(max_query_len, tokens), num_kv_heads if pack else num_heads)
     _prefill_kernel[grid](
         query, layer_cache, block_tables, seq_lens, query_start_loc, out, lse, scale * LOG2E, first_req,
         query.stride(0), query.stride(1),
         layer_cache.stride(0), layer_cache.stride(1), layer_cache.stride(2), layer_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        GROUP=group, PACK_GQA=pack, TOKENS=tokens, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", **cfg,
     )
     return out, lse
