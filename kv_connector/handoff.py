@@ -163,6 +163,7 @@ class HandoffConnector(KVConnectorBase):
         self._copy_stream: Any = None  # device caches: where loads are uploaded
         # Consumer state, scheduler thread only.
         self._remote: dict[str, dict[str, Any]] = {}  # hand-offs we still owe a done/release
+        self._loaded: set[str] = set()  # consumer requests whose load completed (done already sent)
         self._matched: dict[str, int] = {}  # request_id -> locally computed tokens at match time
         self._unstarted: dict[str, Load] = {}
         self._pending: set[str] = set()  # loads whose result get_finished has yet to report
@@ -283,6 +284,10 @@ class HandoffConnector(KVConnectorBase):
         rid = request.request_id
         if rid in self._remote or rid in self._pending:
             self.abort(rid)  # finished before its load did: its blocks are about to be freed
+        elif self._owes_release(request):
+            self._release_remote(request.kv_transfer_params)  # finished before it was even matched
+            self.count("released_early")
+        self._loaded.discard(rid)
         if not self._sends(request, block_ids):
             return False, None
         self.holds.hold(rid, block_ids, self.expiry_s)
@@ -293,6 +298,11 @@ class HandoffConnector(KVConnectorBase):
             "num_tokens": int(request.num_computed_tokens), "expires_at": time.time() + self.expiry_s,
             "block_size": self.wire_layout["block_size"],
         }
+
+    def _owes_release(self, request: Any) -> bool:
+        params = request.kv_transfer_params
+        return (self.role != KVConnectorRole.PRODUCER and bool(params) and "remote_block_ids" in params
+                and request.request_id not in self._loaded and params.get("kv_connector", self.name) == self.name)
 
     def _sends(self, request: Any, block_ids: list[int]) -> bool:
         if self.role == KVConnectorRole.CONSUMER or not block_ids or request.num_computed_tokens <= 0:
@@ -337,6 +347,7 @@ class HandoffConnector(KVConnectorBase):
         # Only what is still pending: an aborted load's late result is nobody's business.
         recved &= self._pending
         failed = {rid: why for rid, why in failed.items() if rid in self._pending and rid not in recved}
+        self._loaded |= recved
         for rid in recved | failed.keys():
             self._pending.discard(rid)
             self._remote.pop(rid, None)
