@@ -71,6 +71,8 @@ class LLMEngine:
         self.backend = get_attention_backend(config.attention_backend, bs, self.device)
         self.runner = ModelRunner(self.model, mc, self.backend, num_blocks, bs, self.dtype, self.device,
                                   self.eos_token_ids)
+        if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton":
+            self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
         self.kv_cache_manager = KVCacheManager(
             num_blocks, bs, config.enable_prefix_caching, model_hash_seed(mc.model_id, dtype_name, bs, KV_LAYOUT))
         self.connector = kv_connector

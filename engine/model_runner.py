@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.cuda_graphs import DecodeGraphs
 from engine.sampler import Sampler, SamplingBatch, advance_generator
 from engine.scheduler import SchedulerOutput
 
@@ -43,6 +44,12 @@ class ModelRunner:
         self.kv_cache = torch.zeros(kv_cache_shape(model_config, num_blocks, block_size), dtype=dtype, device=device)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        self.graphs = DecodeGraphs(self.model, self.backend, self.kv_cache, max_num_seqs, max_model_len,
+                                   self.block_size)
+        self.graphs.capture()
 
     def release(self, request_ids) -> None:
         for rid in request_ids:
@@ -102,7 +109,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         input_ids, positions, meta = self.build_metadata(out)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        if self.graphs is not None and self.graphs.can_run(meta):
+            hidden = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
         sampling = [i for i, s in enumerate(out.scheduled) if s.samples]
         result = StepResult()
         if not sampling:

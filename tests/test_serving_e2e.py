@@ -158,3 +158,23 @@ def test_killed_decode_fails_its_request_and_service_recovers(disagg):
             time.sleep(1)
     assert out.usage.completion_tokens == 3
     disagg.wait_for("prefill", lambda s: s["connector_held_requests"] == 0, timeout=30)
+
+
+def test_replay_benchmark_against_the_real_topology(disagg, tmp_path):
+    import json
+
+    from bench.replay.cli import main
+    from tests.test_bench_replay import TRACES
+
+    if TRACES is None:
+        pytest.skip("public traces not found")
+    rc = main(["--trace", str(TRACES / "mooncake_conversation_trace_first_half.jsonl"), "--endpoint", disagg.url,
+               "--num-requests", "6", "--length-scale", "0.01", "--time-scale", "0.001", "--max-model-len", "512",
+               "--no-progress", "--output", str(tmp_path)])
+    assert rc in (0, None)
+    [report_path] = [p for p in tmp_path.glob("*.json")]
+    report = json.loads(report_path.read_text())
+    assert len(report["requests"]) == 6 and all(r.get("error") in (None, "") for r in report["requests"])
+    assert {"ttft", "tpot", "itl", "e2e", "goodput"} <= set(report["metrics"])
+    assert list(tmp_path.glob("*.png")) and list(tmp_path.glob("*.md"))
+    assert_engines_clean(disagg)

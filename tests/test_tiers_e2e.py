@@ -46,15 +46,15 @@ def tiered(disk_path=None, cpu_bytes: int = 64 << 20, role: str = "kv_both"):
 
 
 def run(eng: LLMEngine, requests: dict[str, list[int]], params: SamplingParams, **add_kw) -> dict:
-    """Add every request, step until all finish (and held blocks are released); final outputs by id."""
+    """Add every request and step until all finish (blocks held for a consumer may stay held)."""
     for rid, ids in requests.items():
         eng.add_request(rid, ids, params, **add_kw.get(rid, {}))
     done = {}
-    while eng.has_work():
+    while len(done) < len(requests):
         for out in eng.step():
             if out.finished:
                 done[out.request_id] = out
-        if not eng.scheduler.running and not eng.scheduler.waiting and eng.has_work():
+        if not eng.scheduler.running and not eng.scheduler.waiting:
             eng.wait_for_work()
     return done
 
