@@ -108,7 +108,8 @@ def bench_decode(batch: int, floors: dict, device: torch.device, sdpa: bool = Tr
         q = torch.randn(batch, NUM_HEADS, 1, HEAD_DIM, device=device, dtype=DTYPE)
         k = torch.randn(batch, NUM_KV_HEADS, DECODE_CONTEXT, HEAD_DIM, device=device, dtype=DTYPE)
         v = torch.randn_like(k)
-        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)  # noqa: E731
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+            q, k, v, scale=scale, enable_gqa=True)
         res["sdpa_do_bench_ms"] = do_bench(fn, warmup=25, rep=200, return_mode="median")
     except Exception as e:  # noqa: BLE001 - an SDPA backend gap is a result, not a failure
         res["sdpa_error"] = repr(e)
@@ -165,7 +166,8 @@ def sweep(floors: dict, device: torch.device) -> dict:
     from engine.attention import triton_decode, triton_prefill
 
     out = {"decode_tile": [], "decode_splits": [], "prefill_tile": []}
-    saved_tile, saved_pps, saved_ptile = dict(triton_decode.TILE), triton_decode.PROGRAMS_PER_SM, dict(triton_prefill.TILE)
+    saved_tile, saved_ptile = dict(triton_decode.TILE), dict(triton_prefill.TILE)
+    saved_pps = triton_decode.PROGRAMS_PER_SM
     try:
         for cfg in DECODE_SWEEP:
             triton_decode.TILE.clear()
@@ -266,7 +268,8 @@ def main(argv=None) -> None:
         print(f"{d['batch']:>9} {d['num_splits']:>6} {d['floor_ms'] * 1e3:>9.1f} {d['triton_graph_ms'] * 1e3:>9.1f} "
               f"{d['graph_over_floor']:>8.2f} {d['graph_bandwidth_TBps']:>6.2f} {d['triton_do_bench_ms'] * 1e3:>11.1f} "
               f"{d.get('sdpa_do_bench_ms', float('nan')) * 1e3:>8.1f}")
-    print(f"{'prefill N':>9} {'floor us':>9} {'triton us':>9} {'x floor':>8} {'TFLOP/s':>8} {'sdpa us':>8} {'sdpa TF/s':>9}")
+    print(f"{'prefill N':>9} {'floor us':>9} {'triton us':>9} {'x floor':>8} {'TFLOP/s':>8} {'sdpa us':>8} "
+          f"{'sdpa TF/s':>9}")
     for p in result["prefill"]:
         print(f"{p['tokens']:>9} {p['floor_ms'] * 1e3:>9.1f} {p['triton_do_bench_ms'] * 1e3:>9.1f} "
               f"{p['triton_over_floor']:>8.2f} {p['triton_TFLOPs']:>8.1f} "

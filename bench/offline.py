@@ -79,24 +79,41 @@ def prefill_latency(engine, length: int, rng: random.Random, repeats: int = 3) -
     return {"tokens": length, "ms": statistics.median(times) * 1e3}
 
 
-def throughput(engine, num_requests: int, lo: int, hi: int, rng: random.Random) -> dict:
+def make_workload(num_requests: int, lo: int, hi: int, vocab: int, rng: random.Random) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output length) pairs, input and output lengths uniform in [lo, hi]."""
+    return [(_random_prompt(rng, rng.randint(lo, hi), vocab), rng.randint(lo, hi)) for _ in range(num_requests)]
+
+
+def throughput(engine, workload: list[tuple[list[int], int]]) -> dict:
     from engine import SamplingParams
 
-    vocab = engine.model_config.vocab_size
-    total_out = 0
-    for i in range(num_requests):
-        n_in, n_out = rng.randint(lo, hi), rng.randint(lo, hi)
-        total_out += n_out
-        engine.add_request(f"t{i}", _random_prompt(rng, n_in, vocab),
-                           SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True))
+    for i, (prompt, n_out) in enumerate(workload):
+        engine.add_request(f"t{i}", prompt, SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True))
     _sync(engine.device)
     t0 = time.perf_counter()
     while engine.has_work():
         engine.step()
     _sync(engine.device)
     dt = time.perf_counter() - t0
-    return {"num_requests": num_requests, "lengths": [lo, hi], "output_tokens": total_out,
-            "seconds": dt, "output_tokens_per_s": total_out / dt}
+    total_out = sum(n for _, n in workload)
+    return {"num_requests": len(workload), "output_tokens": total_out, "seconds": dt,
+            "output_tokens_per_s": total_out / dt}
+
+
+def hf_generate_throughput(model, workload: list[tuple[list[int], int]], device) -> dict:
+    """HF ``generate`` on the same prompts, one request at a time (greedy, exact output lengths)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for prompt, n_out in workload:
+            ids = torch.tensor([prompt], device=device)
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_out, min_new_tokens=n_out,
+                           do_sample=False, pad_token_id=0)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    total_out = sum(n for _, n in workload)
+    return {"num_requests": len(workload), "output_tokens": total_out, "seconds": dt,
+            "output_tokens_per_s": total_out / dt, "mode": "sequential generate()"}
 
 
 def hf_decode_latency(model_dir_or_model, batch: int, context: int, steps: int, device, dtype) -> dict | None:
@@ -154,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-requests", type=int, default=None)
     p.add_argument("--lengths", default=None, help="lo,hi for the throughput run")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.6,
+                   help="leaves room for the HF comparison model on the same GPU")
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--hf-generate", action="store_true", help="also time HF generate() on the throughput workload")
     p.add_argument("--out", default="bench_results/offline")
     args = p.parse_args(argv)
 
@@ -166,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     lo, hi = (int(x) for x in (args.lengths or ("100,1024" if gpu else "32,128")).split(","))
     rng = random.Random(0)
 
-    engine = _engine(args, max_num_batched_tokens=max(max(prefills), 2048), max_num_seqs=max(max(batches), 256))
+    engine = _engine(args, max_num_batched_tokens=max(max(prefills), 2048), max_num_seqs=max(max(batches), 256),
+                     gpu_memory_utilization=args.gpu_memory_utilization)
     device, dtype = engine.device, engine.dtype
     floors = measure_floors(device, dtype)
     mc = engine.model_config
@@ -185,11 +206,21 @@ def main(argv: list[str] | None = None) -> int:
         r["ratio_to_floor"] = r["ms"] / r["floor_ms"]
         report["prefill"].append(r)
         print(f"prefill {n:5d} tokens: {r['ms']:.1f} ms (floor {r['floor_ms']:.1f} ms)")
-    report["throughput"] = throughput(engine, num_requests, lo, hi, rng)
-    print(f"throughput: {report['throughput']['output_tokens_per_s']:.0f} output tok/s")
+    workload = make_workload(num_requests, lo, hi, mc.vocab_size, rng)
+    report["throughput"] = throughput(engine, workload)
+    print(f"throughput: {report['throughput']['output_tokens_per_s']:.0f} output tok/s "
+          f"({num_requests} requests, lengths {lo}-{hi})")
 
     if not args.no_hf:
-        hf = engine_as_hf(engine)
+        hf_source = (engine.model_path, engine.model_config, engine.dtype, engine.device)
+        engine.shutdown()
+        del engine  # free its KV cache and graphs: HF needs the memory
+        import gc
+
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        hf = engine_as_hf(*hf_source)
         if hf is not None:
             report["hf"]["decode"] = [hf_decode_latency(hf, b, context, min(args.steps, 10), device, dtype)
                                       for b in batches[:2]]
@@ -199,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"HF decode batch {r['batch']}: {r['step_ms']:.2f} ms/step")
             for r in report["hf"]["prefill"]:
                 print(f"HF prefill {r['tokens']}: {r['ms']:.1f} ms")
+            if args.hf_generate:
+                report["hf"]["throughput"] = hf_generate_throughput(hf, workload, device)
+                print(f"HF generate throughput: {report['hf']['throughput']['output_tokens_per_s']:.0f} output tok/s")
 
     out = Path(args.out)
     save_json(out / "offline.json", report)
@@ -207,18 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def engine_as_hf(engine):
+def engine_as_hf(path, model_config, dtype, device):
     """HF transformers on the same shapes: the same checkpoint, or the same preset with random weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = engine.model_path
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=engine.dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     else:
-        with torch.device(engine.device):
-            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**engine.model_config.hf_config),
-                                                     dtype=engine.dtype)
-    return model.to(engine.device).eval()
+        hf_config = dict(model_config.hf_config)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config), dtype=dtype)
+    return model.to(device).eval()
 
 
 def _plot(report: dict, path: Path) -> None:

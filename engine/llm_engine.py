@@ -29,6 +29,7 @@ from engine.scheduler import Scheduler, SchedulerConfig
 from engine.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
+    from engine.dcp_group import DCPGroup
     from kv_connector.base import KVConnectorBase
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,9 @@ _CPU_KV_BYTES = 1 << 30
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, kv_connector: KVConnectorBase | None = None,
-                 **overrides: Any) -> None:
+                 dcp_group: DCPGroup | None = None, **overrides: Any) -> None:
+        """``dcp_group``: this process's rank of a decode-context-parallel group (engine/dcp_runner.py);
+        on ranks other than 0 the caller then runs ``runner.serve_worker()`` instead of steps."""
         config = config or EngineConfig(**overrides)
         config.validate()
         self.config = config
@@ -55,9 +58,13 @@ class LLMEngine:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {mc.max_position_embeddings}")
         bs = config.block_size
+        self.dcp_group = dcp_group
+        dcp = 1 if dcp_group is None else dcp_group.size
         num_blocks = self._num_kv_blocks()
-        if num_blocks - 1 < -(-self.max_model_len // bs):
-            raise ValueError(f"the KV cache holds {(num_blocks - 1) * bs} tokens, fewer than max_model_len "
+        if dcp > 1:  # one block id means the same block on every rank: the smallest cache decides
+            num_blocks = dcp_group.min_int(num_blocks)
+        if num_blocks - 1 < -(-self.max_model_len // (bs * dcp)):
+            raise ValueError(f"the KV cache holds {(num_blocks - 1) * bs * dcp} tokens, fewer than max_model_len "
                              f"{self.max_model_len}: raise the KV budget or lower max_model_len")
         self.eos_token_ids = frozenset(mc.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer is not None and self.tokenizer.eos_token_id is not None
@@ -69,12 +76,23 @@ class LLMEngine:
             "model_id": mc.model_id,
         }
         self.backend = get_attention_backend(config.attention_backend, bs, self.device)
-        self.runner = ModelRunner(self.model, mc, self.backend, num_blocks, bs, self.dtype, self.device,
-                                  self.eos_token_ids)
-        if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton":
-            self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
+        if dcp_group is None:
+            self.runner = ModelRunner(self.model, mc, self.backend, num_blocks, bs, self.dtype, self.device,
+                                      self.eos_token_ids)
+            if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton":
+                self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
+        else:  # eager; the KV manager's blocks are rounds of one block per rank (attention/dcp_backend.py)
+            from engine.dcp_kv_landing import DCPKVLanding
+            from engine.dcp_runner import DCPModelRunner
+
+            self.runner = DCPModelRunner(dcp_group, self.model, mc, self.backend, num_blocks, bs, self.dtype,
+                                         self.device, self.eos_token_ids)
+            if kv_connector is not None:
+                kv_connector = DCPKVLanding(kv_connector, self.runner, bs, -(-self.max_model_len // bs) + 1)
+        layout_name = KV_LAYOUT if dcp == 1 else f"{KV_LAYOUT}+dcp{dcp}"
         self.kv_cache_manager = KVCacheManager(
-            num_blocks, bs, config.enable_prefix_caching, model_hash_seed(mc.model_id, dtype_name, bs, KV_LAYOUT))
+            num_blocks, bs * dcp, config.enable_prefix_caching,
+            model_hash_seed(mc.model_id, dtype_name, bs * dcp, layout_name))
         self.connector = kv_connector
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len, bs),
@@ -85,9 +103,9 @@ class LLMEngine:
         self._prompts: dict[str, str | None] = {}
         self._ids = itertools.count()
         self.last_step_num_tokens = 0
-        logger.info("engine ready: model=%s dtype=%s device=%s kv_blocks=%d (%d tokens) max_model_len=%d",
-                    self.model_path, dtype_name, self.device, num_blocks - 1, (num_blocks - 1) * bs,
-                    self.max_model_len)
+        logger.info("engine ready: model=%s dtype=%s device=%s kv_blocks=%d (%d tokens) max_model_len=%d dcp=%d",
+                    self.model_path, dtype_name, self.device, num_blocks - 1, (num_blocks - 1) * bs * dcp,
+                    self.max_model_len, dcp)
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -244,3 +262,5 @@ class LLMEngine:
     def shutdown(self) -> None:
         if self.connector is not None:
             self.connector.shutdown()
+        if self.dcp_group is not None:
+            self.dcp_group.close()

@@ -269,7 +269,14 @@ class _Io(threading.Thread):
         except Exception as e:  # noqa: BLE001 - the peer may be gone already
             logger.debug("UCX endpoint close: %s", e)
 
+    @staticmethod
+    def _check_alive(ep: Any) -> None:
+        # ucxx 0.52 blocks forever in am_send/tag_send on an endpoint whose peer has gone: ask first.
+        if not ep.alive:
+            raise ConnectionError("UCX endpoint is closed (peer gone)")
+
     def _send(self, ep: Any, msg: dict[str, Any], raw: bytes = b"") -> None:
+        self._check_alive(ep)
         buf = _pack(msg, raw)
         self._keep(ep.am_send(self.conn._Array(buf)), buf)
 
@@ -299,6 +306,9 @@ class _Io(threading.Thread):
                     self._serve(e, msg, raw)
                 except (ValueError, KeyError, TypeError) as err:
                     logger.warning("malformed message from a consumer ignored: %s", err)
+                except ConnectionError as err:  # its pins are undone; the hold expires or was released
+                    logger.warning("consumer went away mid-send: %s", err)
+                    break
 
     def _serve(self, e: _Ep, msg: dict[str, Any], raw: bytes) -> None:
         op = msg["op"]
@@ -322,6 +332,7 @@ class _Io(threading.Thread):
             self._send(e.ep, {"op": "accept", "xfer": xfer, "layout": layout}, mine.tobytes())
             starts, lens = _runs(len(ids), mine, np.frombuffer(raw, dtype=np.int64))
             for i, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+                self._check_alive(e.ep)
                 src = self._source(int(ids[s]), n)
                 sends.append(_Sent(e.ep.tag_send(self._buffer(src), self.conn._ucx.UCXXTag((xfer << 32) | i)), src))
             self.conn.count("bytes_sent", len(ids) * layout["block_bytes"])
@@ -347,7 +358,12 @@ class _Io(threading.Thread):
     def _run_command(self, kind: str, a: Any, b: Any) -> None:
         try:
             if kind == "load" and not a.cancelled:
-                p = self._peer((a.load.remote_host, a.load.remote_port))
+                key = (a.load.remote_host, a.load.remote_port)
+                p = self._peer(key)
+                if not p.ep.alive:
+                    self._fail_peer(key, p, f"producer {p.name} closed the connection")
+                    self._fail(None, a, f"producer {p.name} closed the connection (gone, or not listening)")
+                    return
                 if not p.busy:
                     p.last_heard = time.monotonic()  # the silence clock starts with our first ask
                 p.asked[a.id] = a
@@ -374,7 +390,12 @@ class _Io(threading.Thread):
             p.last_heard = time.monotonic()
             x = p.asked.pop(int(msg.get("xfer", -1)), None)
             if x is not None:
-                self._on_answer(p, x, msg, raw)
+                try:
+                    self._on_answer(p, x, msg, raw)
+                except ConnectionError as err:
+                    p.asked[x.id] = x
+                    self._fail_peer(key, p, f"producer {p.name} closed the connection: {err}")
+                    return
         for x in list(p.receiving.values()):
             try:
                 while x.next < len(x.recvs) and x.recvs[x.next].completed:
@@ -403,6 +424,7 @@ class _Io(threading.Thread):
             if x.cancelled:
                 self._drain_into_scratch(p, x, raw)
                 return
+            self._check_alive(p.ep)
             if self.on_gpu and not self.cuda_direct:
                 x.staged = torch.empty((len(x.local_ids), bb), dtype=torch.uint8, pin_memory=True)
             for i, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
@@ -434,13 +456,14 @@ class _Io(threading.Thread):
                 if x.staged is not None:
                     self.conn.write_blocks(x.local_ids, x.staged)
         x.settled.set()
+        try:
+            self._send(p.ep, {"op": "done" if live else "release", "request_id": x.load.remote_request_id})
+        except ConnectionError:
+            pass  # the bytes are here; the producer's hold expires
         if live:
-            self._send(p.ep, {"op": "done", "request_id": x.load.remote_request_id})
             self.conn.count("bytes_received", len(x.local_ids) * self.conn.wire_layout["block_bytes"])
             self.conn.count("transfers")
             self.conn.load_done(x.load.request_id)
-        else:
-            self._send(p.ep, {"op": "release", "request_id": x.load.remote_request_id})
 
     def _fail(self, p: _Ep | None, x: _Xfer, why: str, release: bool = True) -> None:
         if p is not None:

@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
 
 
 def build_engine(cfg: KVFabricConfig, role: str):
-    """An engine for ``role`` with the connector the config names (none when colocated)."""
+    """An engine for ``role`` with the connector the config names (none when colocated); a decode
+    or colocated engine with ``decode.dcp_size`` N > 1 is rank 0 of N context-parallel ranks."""
     from engine import EngineConfig, LLMEngine
 
     engine_cfg = EngineConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, **asdict(cfg.engine))
@@ -40,11 +41,20 @@ def build_engine(cfg: KVFabricConfig, role: str):
 
         ktc = KVTransferConfig.from_dict({**cfg.kv_transfer_config, "kv_role": _KV_ROLES[role]})
         connector = create_connector(ktc)
+    launch = None
     try:
-        return LLMEngine(engine_cfg, kv_connector=connector)
+        if role in ("decode", "colocated") and cfg.decode.dcp_size > 1:
+            from decode_svc.dcp_ranks import launch_dcp_group
+
+            # Ranks 1..N-1 are this process's children; LLMEngine.shutdown stops them.
+            launch = launch_dcp_group(engine_cfg, cfg.decode.dcp_size)
+            engine_cfg = launch.engine_config
+        return LLMEngine(engine_cfg, kv_connector=connector, dcp_group=launch.group if launch else None)
     except BaseException:
         if connector is not None:
             connector.shutdown()
+        if launch is not None:
+            launch.group.close()
         raise
 
 

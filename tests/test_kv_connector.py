@@ -25,7 +25,18 @@ from kv_connector import KVConnectorBase, KVTransferConfig, create_connector, kn
 from kv_connector.zmq_connector import _runs
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ["zmq", "inproc", "nixl", "ucx"]
+_TRANSPORT_MODULES = {"nixl": ("nixl", "nixl_cu13", "nixl_cu12"), "ucx": ("ucxx",)}  # optional: kvfabric[transports]
+
+
+def _connector_param(name: str):
+    import importlib.util
+
+    mods = _TRANSPORT_MODULES.get(name, ())
+    missing = bool(mods) and not any(importlib.util.find_spec(m) for m in mods)
+    return pytest.param(name, marks=pytest.mark.skipif(missing, reason=f"{name}: pip install 'kvfabric[transports]'"))
+
+
+NAMES = [_connector_param(n) for n in ("zmq", "inproc", "nixl", "ucx")]
 TINY = dict(block_size=4, num_layers=2, num_kv_heads=2, head_dim=8, model_id="tiny")
 
 

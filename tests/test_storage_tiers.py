@@ -363,7 +363,6 @@ def test_sizes_parse_with_units():
 
 def test_reads_see_exact_bytes_while_writes_go_on_behind(tmp_path):
     h = hierarchy(tmp_path, cpu_blocks=8, disk_blocks=64)
-    h.disk.max_pending_bytes = 1 << 30
     written: list[int] = []
     errors: list[BaseException] = []
     stop = threading.Event()

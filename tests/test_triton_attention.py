@@ -326,7 +326,8 @@ def test_decode_step_replays_in_a_cuda_graph_with_new_lengths_and_tables():
 
     def meta_for(seq_lens_cpu):
         return AttentionMetadata(
-            num_tokens=batch, num_decodes=batch, query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=DEVICE),
+            num_tokens=batch, num_decodes=batch,
+            query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=DEVICE),
             seq_lens=static["seq_lens"], block_tables=static["block_tables"], slot_mapping=static["slot_mapping"],
             max_query_len=1, max_seq_len=max(seq_lens_cpu), query_lens_cpu=[1] * batch, seq_lens_cpu=seq_lens_cpu)
 

@@ -41,12 +41,13 @@ class TorchAttentionBackend(AttentionBackend):
         layer_cache[blocks, 1, offsets] = value[: len(slots)]
 
     def _gather(self, layer_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int):
+        """K and V of each request's first max_len tokens: [B, max_len, H, D] each, one gather apiece."""
         nblk = (max_len + self.block_size - 1) // self.block_size
-        kv = layer_cache[block_tables[:, :nblk].long()]  # [B, nblk, 2, bs, H, D]
-        b, _, _, bs, h, d = kv.shape
-        k = kv[:, :, 0].reshape(b, nblk * bs, h, d)[:, :max_len]
-        v = kv[:, :, 1].reshape(b, nblk * bs, h, d)[:, :max_len]
-        return k, v
+        ids = block_tables[:, :nblk].long()
+        k = layer_cache[:, 0][ids]  # the gather's result is contiguous, so the views below are free
+        v = layer_cache[:, 1][ids]
+        b, _, bs, h, d = k.shape
+        return k.view(b, nblk * bs, h, d)[:, :max_len], v.view(b, nblk * bs, h, d)[:, :max_len]
 
     def forward(self, query, layer_cache, meta, scale):
         num_heads = query.shape[1]

@@ -1,9 +1,11 @@
 """Paged prefill attention: varlen causal queries over keys read through the block table.
 
-One program per (request, tile of BLOCK_M query tokens, query head). A request's queries are
-the last ``query_len`` positions of its ``seq_len`` tokens, so a plain prompt, a later chunk of
-a chunked prefill and a prompt whose prefix came from the prefix cache (or another engine) are
-the same computation: every key comes from the paged cache, which ``write_kv`` filled first.
+One program per (request, tile of BLOCK_M query tokens, query head), the tiles deepest into the
+prompt first (optionally one per KV head, the group's heads packed into the tile's rows: PACK_GQA).
+A request's queries are the last ``query_len`` positions of its ``seq_len`` tokens, so a plain
+prompt, a later chunk of a chunked prefill and a prompt whose prefix came from the prefix cache
+(or another engine) are the same computation: every key comes from the paged cache, which
+``write_kv`` filled first.
 
 Keys below the tile's first query position are visible to every row of the tile, so that part
 of the loop runs without masks; only the tiles that cross the diagonal apply the causal mask.
@@ -118,7 +120,7 @@ def _prefill_kernel(
 
 # PACK_GQA: a tile's rows are BLOCK_M / GROUP tokens x the GROUP query heads of one KV head, so
 # K/V tiles are fetched once per group instead of once per query head.
-TILE = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, PACK_GQA=False)  # 16-bit, head_dim <= 128; --sweep
+TILE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, PACK_GQA=False)  # 16-bit, head_dim <= 128; --sweep
 TILE_LARGE = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, PACK_GQA=False)  # float32 or head_dim > 128
 
 
