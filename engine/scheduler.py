@@ -182,8 +182,9 @@ class Scheduler:
             self.waiting.popleft()
             if fresh:
                 req.num_cached_tokens = num_computed
+                if self.connector is not None:  # sync loads too: the worker half fills these blocks
+                    self.connector.update_state_after_alloc(req, self.kv.get_block_ids(req.request_id), num_external)
             if load_async:
-                self.connector.update_state_after_alloc(req, self.kv.get_block_ids(req.request_id), num_external)
                 req.status = RequestStatus.WAITING_FOR_REMOTE_KV
                 self._pending_load_tokens[req.request_id] = num_computed
                 self.waiting_for_remote_kv[req.request_id] = req

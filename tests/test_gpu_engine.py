@@ -24,7 +24,9 @@ def _prompts(n, seed=0):
 
 
 def _run(model_dir, prompts, **kw):
-    llm = LLM(model=str(model_dir), dtype="float32", device="cuda", max_num_batched_tokens=64, **kw)
+    # A small KV budget: several engines share the GPU within one test.
+    llm = LLM(model=str(model_dir), dtype="float32", device="cuda", max_num_batched_tokens=64,
+              kv_cache_bytes=256 << 20, **kw)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)], llm
 
@@ -48,5 +50,5 @@ def test_default_model_on_gpu_matches_cpu_reference(default_model_dir):
     prompts = ["The capital of France is", "def add(a, b):"]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     cpu = [o.outputs[0].token_ids for o in LLM(dtype="float32", device="cpu").generate(prompts, params)]
-    gpu = [o.outputs[0].token_ids for o in LLM(dtype="float32", device="cuda").generate(prompts, params)]
+    gpu = [o.outputs[0].token_ids for o in LLM(dtype="float32", device="cuda", kv_cache_bytes=256 << 20).generate(prompts, params)]
     assert gpu == cpu
