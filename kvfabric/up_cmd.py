@@ -12,6 +12,7 @@ import argparse
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
                     c.start()
     finally:
         shutdown(children)
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
