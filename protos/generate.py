@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -38,21 +39,18 @@ def grpcio_tools_version() -> str:
 
 
 def run_protoc(out_dir: Path, *extra_args: str) -> None:
-    """Compile PROTO into ``out_dir`` (files land in ``out_dir/protos/``); raises on protoc errors."""
-    from grpc_tools import protoc
+    """Compile PROTO into ``out_dir`` (files land in ``out_dir/protos/``); raises on protoc errors.
 
+    protoc runs in its own process: grpc_tools bundles a protobuf C++ runtime that crashed
+    (segfault on import) in a test process that had already loaded other native extensions.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "protos").mkdir(exist_ok=True)
-    args = ["grpc_tools.protoc", f"-I{ROOT}", *extra_args, PROTO]
     # protoc resolves PROTO against the include path, so run it from the root.
-    cwd = Path.cwd()
-    try:
-        os.chdir(ROOT)
-        code = protoc.main(args)
-    finally:
-        os.chdir(cwd)
-    if code != 0:
-        raise RuntimeError(f"protoc failed ({code}): {' '.join(args)}")
+    args = [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT}", *extra_args, PROTO]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"protoc failed ({result.returncode}): {' '.join(args)}\n{result.stderr}")
 
 
 def generate(out_dir: Path) -> list[Path]:
