@@ -90,9 +90,11 @@ class LLMEngine:
             if kv_connector is not None:
                 kv_connector = DCPKVLanding(kv_connector, self.runner, bs, -(-self.max_model_len // bs) + 1)
         layout_name = KV_LAYOUT if dcp == 1 else f"{KV_LAYOUT}+dcp{dcp}"
+        # A block the prefix cache drops for reuse is offered to the connector first (tiers save it).
         self.kv_cache_manager = KVCacheManager(
             num_blocks, bs * dcp, config.enable_prefix_caching,
-            model_hash_seed(mc.model_id, dtype_name, bs * dcp, layout_name))
+            model_hash_seed(mc.model_id, dtype_name, bs * dcp, layout_name),
+            on_evict=kv_connector.on_block_evicted if kv_connector is not None else None)
         self.connector = kv_connector
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len, bs),

@@ -21,7 +21,6 @@ The proto is compiled with the repository root as the include path, so the gRPC 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import warnings
