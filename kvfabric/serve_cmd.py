@@ -35,12 +35,12 @@ def build_engine(cfg: KVFabricConfig, role: str):
     from engine import EngineConfig, LLMEngine
 
     engine_cfg = EngineConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, **asdict(cfg.engine))
+    spec = connector_spec(cfg, role)
     connector = None
-    if role in _KV_ROLES:
+    if spec is not None:
         from kv_connector import KVTransferConfig, create_connector
 
-        ktc = KVTransferConfig.from_dict({**cfg.kv_transfer_config, "kv_role": _KV_ROLES[role]})
-        connector = create_connector(ktc)
+        connector = create_connector(KVTransferConfig.from_dict(spec))
     launch = None
     try:
         if role in ("decode", "colocated") and cfg.decode.dcp_size > 1:
@@ -56,6 +56,20 @@ def build_engine(cfg: KVFabricConfig, role: str):
         if launch is not None:
             launch.group.close()
         raise
+
+
+def connector_spec(cfg: KVFabricConfig, role: str) -> dict | None:
+    """The kv_transfer_config for ``role``. A ``tiers`` section puts the storage tiers in front:
+    on prefill a ``multi`` of tiered + the transport (prefixes come from the tiers, the rest is
+    computed and handed to decode); colocated, the tiers alone."""
+    transport = {**cfg.kv_transfer_config, "kv_role": _KV_ROLES.get(role, "kv_both")}
+    tiered = {"kv_connector": "tiered", "kv_role": "kv_both", "kv_connector_extra_config": cfg.tiers}
+    if role == "prefill" and cfg.tiers:
+        return {"kv_connector": "multi", "kv_role": "kv_producer",
+                "kv_connector_extra_config": {"connectors": [tiered, transport]}}
+    if role == "colocated":
+        return tiered if cfg.tiers else None
+    return transport
 
 
 def run(args: argparse.Namespace) -> int:
