@@ -10,6 +10,8 @@ BENCHMARKS = {
     "transfer": "bench.kv_transfer",
     "replay": "bench.replay.cli",
     "tiers": "bench.tiers",
+    "tier-ttft": "bench.tier_ttft",
+    "dcp": "bench.dcp",
 }
 
 
