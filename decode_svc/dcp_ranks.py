@@ -35,7 +35,8 @@ def rank_device(device: str, rank: int) -> str:
     return f"cuda:{rank}" if device in ("cuda", "cuda:0") else device
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this process when its parent dies (no orphans)."""
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
@@ -71,7 +72,7 @@ def launch_dcp_group(engine_config: EngineConfig, size: int, host: str = "127.0.
     init = f"tcp://{host}:{port}"
     cfg_json = json.dumps(asdict(engine_config))
     workers = [subprocess.Popen([sys.executable, "-m", "decode_svc.dcp_ranks", "--rank", str(r), "--size", str(size),
-                                 "--init", init, "--engine-config", cfg_json], preexec_fn=_die_with_parent)
+                                 "--init", init, "--engine-config", cfg_json], preexec_fn=die_with_parent)
                for r in range(1, size)]
     try:
         group = DCPGroup(0, size, init, torch.device(device))

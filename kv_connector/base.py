@@ -147,3 +147,9 @@ class KVConnectorBase(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Close every thread and socket; idempotent."""
+
+
+def full_computed_blocks(request: Any, block_ids: list[int], block_size: int) -> tuple[list[bytes], list[int]]:
+    """(hashes, block ids) of a request's leading blocks that are full and computed: what a store may keep."""
+    n = min(len(request.block_hashes), int(request.num_computed_tokens) // block_size, len(block_ids))
+    return list(request.block_hashes[:n]), list(block_ids[:n])

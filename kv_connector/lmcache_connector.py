@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from kv_connector.base import KVConnectorBase, KVTransferConfig
+from kv_connector.base import KVConnectorBase, KVTransferConfig, full_computed_blocks
 from storage_tiers.metrics import LatencyMetrics
 
 logger = logging.getLogger(__name__)
@@ -285,11 +285,10 @@ class LMCacheConnector(KVConnectorBase):
         self._drop(self._loads.pop(rid, None))
         if self.engine is None or not block_ids:
             return False, None
-        num_full = min(len(request.block_hashes), int(request.num_computed_tokens) // self.block_size,
-                       len(block_ids))
-        if num_full > 0:
+        hashes, ids = full_computed_blocks(request, block_ids, self.block_size)
+        if hashes:
             t0 = time.perf_counter()
-            self._save(list(request.block_hashes[:num_full]), list(block_ids[:num_full]), rid)
+            self._save(hashes, ids, rid)
             self.latency.observe("save", time.perf_counter() - t0)
         return False, None
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from kv_connector.base import KVConnectorBase, KVTransferConfig
+from kv_connector.base import KVConnectorBase, KVTransferConfig, full_computed_blocks
 from storage_tiers.hierarchy import TierHierarchy
 from storage_tiers.metrics import LatencyMetrics
 
@@ -134,10 +134,9 @@ class TieredConnector(KVConnectorBase):
         self._unpin(self._loads.pop(rid, None))
         if self.tiers is None or not block_ids:
             return False, None
-        num_full = min(len(request.block_hashes), int(request.num_computed_tokens) // self.block_size,
-                       len(block_ids))
-        if num_full > 0:
-            self._save(list(request.block_hashes[:num_full]), list(block_ids[:num_full]))
+        hashes, ids = full_computed_blocks(request, block_ids, self.block_size)
+        if hashes:
+            self._save(hashes, ids)
         return False, None
 
     def on_block_evicted(self, block_hash: bytes, block_id: int) -> None:

@@ -9,7 +9,6 @@ life (PR_SET_PDEATHSIG) so even a hard kill of ``up`` leaves no orphan.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from decode_svc.dcp_ranks import die_with_parent
 from kvfabric.config import KVFabricConfig
 from kvfabric.overrides import add_config_flags, apply_config_flags
 
@@ -45,13 +45,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 @dataclass
 class Child:
     name: str
@@ -64,7 +57,7 @@ class Child:
     def start(self) -> None:
         logger.info("starting %s: %s", self.name, " ".join(self.argv))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "KVFABRIC_PROCESS": self.name}
-        self.proc = subprocess.Popen(self.argv, env=env, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(self.argv, env=env, preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
 
 

@@ -9,7 +9,7 @@ kv=.venv/bin/kvfabric
 $kv bench offline --hf-generate --out "$OUT/offline" 2>&1 | grep -v Warning | tee "$OUT/offline.log"
 $kv bench tier-ttft --tokens 2048 --connector tiered --out "$OUT/tier_ttft" | tee "$OUT/tier_ttft.log"
 $kv bench tier-ttft --tokens 2048 --connector lmcache --out "$OUT/tier_ttft" 2>&1 | grep -E "^lmcache:" | tee -a "$OUT/tier_ttft.log"
-$kv bench transfer --out "$OUT/kv_transfer" 2>&1 | tail -3
+$kv bench transfer --connectors zmq --sizes-mb 1,16,256 --out "$OUT/kv_transfer" 2>&1 | tail -3
 for mode in disaggregated colocated; do
   flag=""; [ $mode = colocated ] && flag="--colocated"
   $kv up --port 8391 $flag > "$OUT/up_$mode.log" 2>&1 &
