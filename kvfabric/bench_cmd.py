@@ -12,6 +12,7 @@ BENCHMARKS = {
     "tiers": "bench.tiers",
     "tier-ttft": "bench.tier_ttft",
     "dcp": "bench.dcp",
+    "disagg-ttft": "bench.disagg_ttft",
 }
 
 
