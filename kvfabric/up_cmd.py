@@ -9,6 +9,7 @@ life (PR_SET_PDEATHSIG) so even a hard kill of ``up`` leaves no orphan.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -89,9 +90,12 @@ def _wait_ready(url: str, children: list[Child], timeout: float) -> bool:
             return False
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
+                # Ready means every instance is in rotation: the proxy alone answers 200 as soon
+                # as one path can serve, and requests would then skip a prefill still loading.
+                body = json.loads(r.read() or b"{}")
+                if r.status == 200 and all(i.get("healthy") for i in body.get("instances", [])):
                     return True
-        except OSError:
+        except (OSError, ValueError):
             pass
         time.sleep(0.5)
     return False
