@@ -26,11 +26,17 @@ for mode in disaggregated colocated; do
   $kv bench replay --trace "$TRACES/mooncake_conversation_trace_first_half.jsonl" --endpoint http://127.0.0.1:8391 \
     --num-requests 24 --length-scale 0.03 --max-model-len 1024 --sweep 0.5,1,2 --slo ttft=2s,tpot=150ms \
     --label "$mode" --no-progress --output "$OUT/replay/$mode-mooncake-sweep" 2>&1 | tail -1
+  $kv bench replay --trace "$TRACES/AzureLLMInferenceTrace_code.csv" --endpoint http://127.0.0.1:8391 \
+    --num-requests 24 --length-scale 0.1 --max-model-len 1024 --sweep 0.5,1,2 --slo ttft=2s,tpot=150ms \
+    --label "$mode" --no-progress --output "$OUT/replay/$mode-azure-code-sweep" 2>&1 | tail -1
+  $kv bench replay --trace "$TRACES/mooncake_synthetic_trace.jsonl" --endpoint http://127.0.0.1:8391 \
+    --num-requests 24 --length-scale 0.02 --max-model-len 1024 --sweep 0.5,1,2 --slo ttft=2s,tpot=150ms \
+    --label "$mode" --no-progress --output "$OUT/replay/$mode-mooncake-synthetic-sweep" 2>&1 | tail -1
   kill -INT $up; wait $up
 done
 $kv bench replay --compare "$OUT"/replay/disaggregated-c*/*.json "$OUT"/replay/colocated-c*/*.json \
   --output "$OUT/replay/compare-concurrency" 2>&1 | tail -1
-for trace in sweep mooncake-sweep; do
+for trace in sweep mooncake-sweep azure-code-sweep mooncake-synthetic-sweep; do
   $kv bench replay --compare "$OUT/replay/disaggregated-$trace/sweep.json" "$OUT/replay/colocated-$trace/sweep.json" \
     --output "$OUT/replay/compare-$trace" 2>&1 | tail -1
 done
