@@ -41,6 +41,5 @@ def measure_floors(device: torch.device, dtype: torch.dtype) -> dict:
     a = torch.randn(n, n, device=device, dtype=mm_dtype)
     b = torch.randn(n, n, device=device, dtype=mm_dtype)
     mm_s = _time(lambda: a @ b, device)
-    del src, dst, a, b
     return {"copy_bytes_per_s": 2 * nbytes / copy_s, "copy_bytes": 2 * nbytes,
             "matmul_flops_per_s": 2 * n**3 / mm_s, "matmul_shape": [n, n, n], "matmul_dtype": str(mm_dtype)}

@@ -10,7 +10,6 @@ Writes ``offline.json`` and ``offline.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time

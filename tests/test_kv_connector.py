@@ -15,7 +15,6 @@ import sys
 import textwrap
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -37,21 +36,12 @@ def _connector_param(name: str):
 
 
 NAMES = [_connector_param(n) for n in ("zmq", "inproc", "nixl", "ucx")]
+from tests.connector_fakes import FakeRequest  # noqa: E402
+
 TINY = dict(block_size=4, num_layers=2, num_kv_heads=2, head_dim=8, model_id="tiny")
 
 
-@dataclass
-class FakeRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    num_computed_tokens: int = 0
-    kv_transfer_params: dict | None = None
-    block_hashes: list[bytes] = field(default_factory=list)
-    output_token_ids: list[int] = field(default_factory=list)
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
 
 def make_connector(name: str, role: str, num_blocks: int = 64, dtype: torch.dtype = torch.float32,

@@ -9,7 +9,6 @@ import hashlib
 import logging
 import random
 import time
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -21,30 +20,9 @@ from storage_tiers.base import StorageTierError  # noqa: E402
 from storage_tiers.lmcache_server import LMCacheServer, free_port, port_open  # noqa: E402
 from storage_tiers.remote_tier import RemoteTier  # noqa: E402
 
-BS = 4
+from tests.connector_fakes import BS, HashedRequest as FakeRequest, chain_hashes  # noqa: E402,F401
 LAYOUT = dict(block_size=BS, num_layers=2, num_kv_heads=2, head_dim=8, model_id="tiny")
 BLOCK_BYTES = LAYOUT["num_layers"] * 2 * BS * LAYOUT["num_kv_heads"] * LAYOUT["head_dim"] * 4
-
-
-def chain_hashes(token_ids: list[int], seed: bytes = b"tiny") -> list[bytes]:
-    out, parent = [], hashlib.sha256(seed).digest()
-    for i in range(len(token_ids) // BS):
-        parent = hashlib.sha256(parent + repr(token_ids[i * BS:(i + 1) * BS]).encode()).digest()
-        out.append(parent)
-    return out
-
-
-@dataclass
-class FakeRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    num_computed_tokens: int = 0
-    kv_transfer_params: dict | None = None
-    status: object = None
-    block_hashes: list[bytes] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.block_hashes = chain_hashes(self.prompt_token_ids)
 
 
 def make(extra: dict | None = None, num_blocks: int = 32):

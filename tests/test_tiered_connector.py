@@ -6,44 +6,15 @@ left pinned."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from kv_connector import KVConnectorBase, KVTransferConfig, create_connector, known_connectors
 
-BS = 4
+from tests.connector_fakes import BS, HashedRequest as FakeRequest, chain_hashes  # noqa: F401
 LAYOUT = dict(block_size=BS, num_layers=2, num_kv_heads=2, head_dim=8, model_id="tiny")
-
-
-def chain_hashes(token_ids: list[int], seed: bytes = b"tiny") -> list[bytes]:
-    """Chained hashes of the full blocks, as engine/block_hash.py names them (any chain will do here)."""
-    out, parent = [], hashlib.sha256(seed).digest()
-    for i in range(len(token_ids) // BS):
-        parent = hashlib.sha256(parent + repr(token_ids[i * BS:(i + 1) * BS]).encode()).digest()
-        out.append(parent)
-    return out
-
-
-@dataclass
-class FakeRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    num_computed_tokens: int = 0
-    kv_transfer_params: dict | None = None
-    output_token_ids: list[int] = field(default_factory=list)
-    status: object = None
-    block_hashes: list[bytes] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.block_hashes = chain_hashes(self.prompt_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
 
 def make(name: str = "tiered", extra: dict | None = None, role: str = "kv_both", num_blocks: int = 32,
