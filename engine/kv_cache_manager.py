@@ -40,6 +40,7 @@ class KVCacheManager:
         self._num_cached_blocks: dict[str, int] = {}
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
+        self._lookups_counted: set[str] = set()  # requests whose lookup is in the stats already
 
     # ---- prefix hits -----------------------------------------------------------------------
 
@@ -62,8 +63,11 @@ class KVCacheManager:
                 break  # chained hashes: nothing after a miss can hit
             blocks.append(block)
         num_hit_tokens = len(blocks) * self.block_size
-        self.prefix_cache_queries += request.num_tokens
-        self.prefix_cache_hits += num_hit_tokens
+        # A request that waits for free blocks is looked up again every step: count it once.
+        if request.request_id not in self._lookups_counted:
+            self._lookups_counted.add(request.request_id)
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += num_hit_tokens
         return blocks, num_hit_tokens
 
     # ---- allocation ------------------------------------------------------------------------
@@ -129,6 +133,7 @@ class KVCacheManager:
         blocks = self.req_to_blocks.pop(rid, None)
         self._req_to_block_ids.pop(rid, None)
         self._num_cached_blocks.pop(rid, None)
+        self._lookups_counted.discard(rid)
         if blocks:
             self.block_pool.free_blocks(reversed(blocks))
 

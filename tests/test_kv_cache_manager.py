@@ -367,3 +367,13 @@ def test_random_allocate_cache_free_sequences_keep_invariants():
     for req in running.values():
         kv.free(req)
     assert_clean(kv)
+
+
+def test_a_request_waiting_for_blocks_is_counted_once_in_the_hit_rate():
+    kv = KVCacheManager(4, 4, True, model_hash_seed("m", "float32", 4, "test"))
+    req = Request("r", list(range(40)), SamplingParams(max_tokens=1), max_tokens=1)
+    for _ in range(3):  # the scheduler asks again each step while the pool is too small
+        kv.get_computed_blocks(req)
+        assert kv.allocate_slots(req, 40) is None
+    assert kv.stats()["prefix_cache_queries"] == 40
+    kv.free(req)
