@@ -15,7 +15,9 @@ def attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Q, Hq, D], k/v [B, K, Hkv, D], mask [B, Q, K] bool (True = attend) -> out, lse [B, Q, Hq]."""
-    fused_ok = q.device.type == "cpu" and q.shape[1] > 0 and k.shape[1] > 0  # empty inputs crash it (SIGFPE)
+    # Prefill chunks only: for one query token the fused kernel's GQA copy of K/V costs more than
+    # it saves (decode steps measured slower with it). Empty inputs crash it (SIGFPE).
+    fused_ok = q.device.type == "cpu" and q.shape[1] > 1 and k.shape[1] > 0
     if fused_ok and (mask is None or bool(mask.any(-1).all())):
         return _cpu_flash_attention_with_lse(q, k, v, mask, scale)
     return _einsum_attention_with_lse(q, k, v, mask, scale)
