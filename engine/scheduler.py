@@ -141,7 +141,7 @@ class Scheduler:
         preempted: list[str] = []
 
         for req in list(self.running):
-            if req not in self.running:  # preempted earlier in this loop
+            if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if num_new <= 0:

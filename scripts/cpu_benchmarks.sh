@@ -20,18 +20,16 @@ for mode in disaggregated colocated; do
       --endpoint http://127.0.0.1:8391 --max-concurrency $c --label "$mode-c$c" --no-progress \
       --output "$OUT/replay/$mode-c$c" 2>&1 | tail -1
   done
-  $kv bench replay --trace "$TRACES/AzureLLMInferenceTrace_conv.csv" --endpoint http://127.0.0.1:8391 \
-    --num-requests 24 --length-scale 0.25 --max-model-len 1024 --sweep 0.5,1,2 --slo ttft=2s,tpot=150ms \
-    --label "$mode" --no-progress --output "$OUT/replay/$mode-sweep" 2>&1 | tail -1
-  $kv bench replay --trace "$TRACES/mooncake_conversation_trace_first_half.jsonl" --endpoint http://127.0.0.1:8391 \
-    --num-requests 24 --length-scale 0.03 --max-model-len 1024 --sweep 0.5,1,2 --slo ttft=2s,tpot=150ms \
-    --label "$mode" --no-progress --output "$OUT/replay/$mode-mooncake-sweep" 2>&1 | tail -1
-  $kv bench replay --trace "$TRACES/AzureLLMInferenceTrace_code.csv" --endpoint http://127.0.0.1:8391 \
-    --num-requests 24 --length-scale 0.1 --max-model-len 1024 --sweep 0.5,1,2 --slo ttft=2s,tpot=150ms \
-    --label "$mode" --no-progress --output "$OUT/replay/$mode-azure-code-sweep" 2>&1 | tail -1
-  $kv bench replay --trace "$TRACES/mooncake_synthetic_trace.jsonl" --endpoint http://127.0.0.1:8391 \
-    --num-requests 24 --length-scale 0.02 --max-model-len 1024 --sweep 0.5,1,2 --slo ttft=2s,tpot=150ms \
-    --label "$mode" --no-progress --output "$OUT/replay/$mode-mooncake-synthetic-sweep" 2>&1 | tail -1
+  # trace file : length scale (prompts of a few hundred tokens for a 2-core CPU) : output name
+  for spec in AzureLLMInferenceTrace_conv.csv:0.25:sweep \
+              mooncake_conversation_trace_first_half.jsonl:0.03:mooncake-sweep \
+              AzureLLMInferenceTrace_code.csv:0.1:azure-code-sweep \
+              mooncake_synthetic_trace.jsonl:0.02:mooncake-synthetic-sweep; do
+    IFS=: read -r trace scale name <<< "$spec"
+    $kv bench replay --trace "$TRACES/$trace" --endpoint http://127.0.0.1:8391 \
+      --num-requests 24 --length-scale "$scale" --max-model-len 1024 --sweep 0.5,1,2 --slo ttft=2s,tpot=150ms \
+      --label "$mode" --no-progress --output "$OUT/replay/$mode-$name" 2>&1 | tail -1
+  done
   kill -INT $up; wait $up
 done
 $kv bench replay --compare "$OUT"/replay/disaggregated-c*/*.json "$OUT"/replay/colocated-c*/*.json \
