@@ -27,6 +27,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # torch | triton
     enforce_eager: bool = False  # no CUDA graphs
+    fused_kernels: bool = True  # Triton RMSNorm / RoPE+KV write / SiLU*mul with the triton backend
     seed: int = 0
 
     def torch_device(self) -> torch.device:

@@ -76,6 +76,8 @@ class LLMEngine:
             "model_id": mc.model_id,
         }
         self.backend = get_attention_backend(config.attention_backend, bs, self.device)
+        # The torch reference backend keeps the torch expressions too, so it stays the reference.
+        self.model.use_fused_kernels(config.fused_kernels and self.backend.name == "triton")
         if dcp_group is None:
             self.runner = ModelRunner(self.model, mc, self.backend, num_blocks, bs, self.dtype, self.device,
                                       self.eos_token_ids)

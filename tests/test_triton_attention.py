@@ -306,6 +306,30 @@ def test_backend_write_then_forward_matches_torch_backend(dtype, kind):
     assert_matches(out, lse, ref_out, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fresh_prompts_without_lse_take_sdpa_and_match_the_reference(dtype):
+    """A prefill step of whole prompts whose caller needs no lse reads the step's own K/V through
+    SDPA; the result is the same attention as over the cache. With any cached context, or with
+    lse asked for, the paged kernel still runs (lse comes back)."""
+    _seed("fresh", dtype)
+    num_heads, num_kv_heads, head_dim = 16, 4, 64
+    lens = [20, 1, 49, 33] + ([700, 2100] if FULL else [])
+    kv, layer_cache, meta = make_batch(lens, lens, num_kv_heads, head_dim, dtype)
+    query = torch.randn(meta.num_tokens, num_heads, head_dim, device=DEVICE).to(dtype)
+    key = torch.randn(meta.num_tokens, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+    value = torch.randn_like(key)
+    backend = TritonAttentionBackend(16)
+    backend.write_kv(key, value, layer_cache, meta)
+    ref_out, ref_lse = reference(query, layer_cache, meta, 0.125)
+
+    out, lse = backend.forward(query, layer_cache, meta, 0.125, key=key, value=value, return_lse=False)
+    assert lse is None and out.dtype == dtype
+    assert not out.isnan().any() and _rel(out, ref_out) < OUT_TOL[dtype]
+
+    out, lse = backend.forward(query, layer_cache, meta, 0.125, key=key, value=value)
+    assert_matches(out, lse, ref_out, ref_lse, dtype)
+
+
 @FULL_ONLY
 def test_decode_step_replays_in_a_cuda_graph_with_new_lengths_and_tables():
     """Captured once, replayed on other lengths and block tables: nothing in the decode path may

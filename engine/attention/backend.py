@@ -52,13 +52,17 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(
-        self, query: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, query: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        key: torch.Tensor | None = None, value: torch.Tensor | None = None, return_lse: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Causal attention of each query token over its request's cached context.
 
         Returns ``(out [num_tokens, num_heads, head_dim] in query's dtype,
         lse [num_tokens, num_heads] float32)`` where lse is the natural-log log-sum-exp of the
-        scaled scores, so partial results over disjoint KV shards merge exactly.
+        scaled scores, so partial results over disjoint KV shards merge exactly. With
+        ``return_lse=False`` a backend may return None for lse. ``key``/``value``
+        ([num_tokens, num_kv_heads, head_dim]) are this step's keys and values, already written to
+        the cache; a backend may read them directly where no request has earlier context.
         """
 
 

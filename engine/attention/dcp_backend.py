@@ -86,7 +86,7 @@ class DCPAttentionBackend(AttentionBackend):
     def write_kv(self, key, value, layer_cache, meta: DCPAttentionMetadata) -> None:
         self.inner.write_kv(key, value, layer_cache, meta)
 
-    def forward(self, query, layer_cache, meta: DCPAttentionMetadata, scale):
+    def forward(self, query, layer_cache, meta: DCPAttentionMetadata, scale, key=None, value=None, return_lse=True):
         t, h, d = query.shape
         part = torch.empty(t, h, d + 1, dtype=torch.float32, device=query.device)  # [out | lse]
         nd = meta.num_decodes

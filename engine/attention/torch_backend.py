@@ -73,7 +73,7 @@ class TorchAttentionBackend(AttentionBackend):
         b, _, bs, h, d = k.shape
         return k.view(b, nblk * bs, h, d)[:, :max_len], v.view(b, nblk * bs, h, d)[:, :max_len]
 
-    def forward(self, query, layer_cache, meta, scale):
+    def forward(self, query, layer_cache, meta, scale, key=None, value=None, return_lse=True):
         num_heads = query.shape[1]
         out = torch.empty_like(query)
         lse = torch.empty(query.shape[0], num_heads, dtype=torch.float32, device=query.device)

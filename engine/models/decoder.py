@@ -27,8 +27,22 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with ``residual``: (norm(x + residual), x + residual), the fused kernel
+        updating ``residual`` in place."""
+        if self.fused:
+            from engine.kernels.rms_norm import rms_norm
+
+            out = rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is not None:
+            residual = x + residual
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in float32, scale in the model dtype: HF's order, so bf16 outputs match it.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -49,20 +63,32 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
+        self.fused = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        layer_cache = kv_cache[:, self.layer_idx]
+        if self.fused:
+            from engine.kernels.rope_kv_write import rope_kv_write
+
+            qk = self.q_norm is not None
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if qk else (None, None, 0.0)
+            q, k, v = rope_kv_write(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim, cos, sin,
+                                    layer_cache, meta.slot_mapping, *norms)
+        else:
+            q, k, v = self._rope(self.qkv_proj(x), cos, sin)
+            backend.write_kv(k, v, layer_cache, meta)
+        out, _lse = backend.forward(q, layer_cache, meta, self.scale, key=k, value=v, return_lse=False)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+    def _rope(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        layer_cache = kv_cache[:, self.layer_idx]
-        backend.write_kv(k, v, layer_cache, meta)
-        out, _lse = backend.forward(q, layer_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
 
 class MLP(nn.Module):
@@ -71,8 +97,13 @@ class MLP(nn.Module):
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from engine.kernels.silu_mul import silu_mul
+
+            return self.down_proj(silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -85,9 +116,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype)
 
-    def forward(self, x, cos, sin, kv_cache, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv_cache, meta, backend):
+        """x: the previous layer's output, residual: the stream before it (None for layer 0).
+        Returns this layer's (output, residual stream); adding them happens in the next norm."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, meta, backend)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderForCausalLM(nn.Module):
@@ -114,11 +153,18 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         """input_ids, positions: long [T] -> final-normed hidden states [T, hidden_size]."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         cos, sin = self.rotary(positions)
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, meta, backend)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta, backend)
+        return self.norm(x, residual)[0]
+
+    def use_fused_kernels(self, enabled: bool) -> None:
+        """Route RMSNorm(+residual), RoPE(+qk-norm)+KV write and SiLU*mul through the Triton
+        kernels of ``engine.kernels`` (CUDA only); off, the torch expressions run (the reference)."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention, MLP)):
+                m.fused = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""
