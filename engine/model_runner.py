@@ -75,9 +75,12 @@ class ModelRunner:
             for s in reqs), dtype=np.int64, count=num_tokens)
         width = int((seq_lens.max() + bs - 1) // bs)
         block_tables = np.zeros((len(reqs), width), dtype=np.int32)
-        for i, s in enumerate(reqs):
-            ids = s.block_ids[:width]
-            block_tables[i, : len(ids)] = ids
+        # One scatter of all requests' block ids (a per-row numpy assignment costs ~4 us a row).
+        rows_len = np.fromiter((min(len(s.block_ids), width) for s in reqs), dtype=np.int64, count=len(reqs))
+        flat = np.fromiter(itertools.chain.from_iterable(s.block_ids[:width] for s in reqs), dtype=np.int32,
+                           count=int(rows_len.sum()))
+        row_start = np.repeat(np.cumsum(rows_len) - rows_len, rows_len)
+        block_tables[np.repeat(np.arange(len(reqs)), rows_len), np.arange(flat.size) - row_start] = flat
         token_req = np.repeat(np.arange(len(reqs)), q_lens)
         slot_mapping = block_tables[token_req, positions // bs].astype(np.int64) * bs + positions % bs
         meta = AttentionMetadata(
@@ -117,8 +120,11 @@ class ModelRunner:
         result = StepResult()
         if not sampling:
             return result
-        ends = np.cumsum(meta.query_lens_cpu)[sampling] - 1
-        logits = self.model.compute_logits(hidden[self._to_device(ends)])
+        if len(sampling) == meta.num_tokens:  # every token samples (a decode step): no gather
+            logits = self.model.compute_logits(hidden[: meta.num_tokens])
+        else:
+            ends = np.cumsum(meta.query_lens_cpu)[sampling] - 1
+            logits = self.model.compute_logits(hidden[self._to_device(ends)])
         reqs = [out.scheduled[i].request for i in sampling]
         batch = SamplingBatch(
             params=[r.sampling_params for r in reqs],
