@@ -13,6 +13,9 @@ import torch
 
 
 def git_commit() -> str:
+    """KVFABRIC_COMMIT when set (the device machine's copy of the tree carries a stale .git), else git's."""
+    if os.environ.get("KVFABRIC_COMMIT"):
+        return os.environ["KVFABRIC_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
