@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-format", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-fused-kernels", action="store_true",
+                   help="the torch expressions instead of engine/kernels (the A/B of the fused kernels)")
     p.add_argument("--batches", default=None, help="comma list (default: GPU 1,8,32,128,256; CPU 1,4,16)")
     p.add_argument("--context", type=int, default=None, help="decode context (GPU 1024, CPU 256)")
     p.add_argument("--prefill", default=None, help="comma list (GPU 512,2048,8192; CPU 128,512)")
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(0)
 
     engine = _engine(args, max_num_batched_tokens=max(max(prefills), 2048), max_num_seqs=max(max(batches), 256),
-                     gpu_memory_utilization=args.gpu_memory_utilization)
+                     gpu_memory_utilization=args.gpu_memory_utilization, fused_kernels=not args.no_fused_kernels)
     device, dtype = engine.device, engine.dtype
     floors = measure_floors(device, dtype)
     mc = engine.model_config

@@ -3,7 +3,7 @@
 A decode step of a small model is a few hundred tiny kernel launches; replaying a captured
 graph removes the launch gaps. Each graph reads its inputs from static buffers: a step copies
 its tokens, positions, slots, context lengths and block tables into them, pads the batch up to
-the nearest captured size (padded rows: context length 0, slot -1, the null block), replays, and
+the nearest captured size (padded rows: context length 0, slot -1), replays, and
 reads the first rows of the static output. Block tables are captured at the width of
 ``max_model_len`` so any context fits. Only decode-only batches replay; the rest run eagerly.
 """
@@ -79,11 +79,12 @@ class DecodeGraphs:
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        self.slot_mapping[n:bs].fill_(-1)
         self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
-        self.seq_lens[n:bs].zero_()
-        width = meta.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
-        self.block_tables[:n, width:].zero_()
+        if n < bs:
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].zero_()
+        # Table entries past a row's width are left stale: attention reads only the first
+        # ceil(seq_len / block_size) entries of a row (none for a padded row).
+        self.block_tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables, non_blocking=True)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

@@ -3,7 +3,7 @@
 Owns the KV cache tensor (``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]``),
 the attention backend, the sampler and each seeded request's random generator. Inputs are built
 with vectorised numpy per step (a loop over requests, never over tokens or blocks) and moved to
-the device once.
+the device in one copy (``HostStaging``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.cuda_graphs import DecodeGraphs
+from engine.host_staging import HostStaging
 from engine.sampler import Sampler, SamplingBatch, advance_generator
 from engine.scheduler import SchedulerOutput
 
@@ -46,6 +47,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.graphs: DecodeGraphs | None = None
+        self.staging = HostStaging(device)
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         self.graphs = DecodeGraphs(self.model, self.backend, self.kv_cache, max_num_seqs, max_model_len,
@@ -83,19 +85,21 @@ class ModelRunner:
         block_tables[np.repeat(np.arange(len(reqs)), rows_len), np.arange(flat.size) - row_start] = flat
         token_req = np.repeat(np.arange(len(reqs)), q_lens)
         slot_mapping = block_tables[token_req, positions // bs].astype(np.int64) * bs + positions % bs
+        qsl_d, seq_lens_d, tables_d, slots_d, ids_d, pos_d = self.staging.to_device(
+            cu.astype(np.int32), seq_lens.astype(np.int32), block_tables, slot_mapping, input_ids, positions)
         meta = AttentionMetadata(
             num_tokens=num_tokens,
             num_decodes=int(np.argmax(q_lens > 1)) if (q_lens > 1).any() else len(reqs),
-            query_start_loc=self._to_device(cu.astype(np.int32)),
-            seq_lens=self._to_device(seq_lens.astype(np.int32)),
-            block_tables=self._to_device(block_tables),
-            slot_mapping=self._to_device(slot_mapping),
+            query_start_loc=qsl_d,
+            seq_lens=seq_lens_d,
+            block_tables=tables_d,
+            slot_mapping=slots_d,
             max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()),
             query_lens_cpu=q_lens.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
         )
-        return self._to_device(input_ids), self._to_device(positions), meta
+        return ids_d, pos_d, meta
 
     def _generator(self, request) -> torch.Generator | None:
         seed = request.sampling_params.seed

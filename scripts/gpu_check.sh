@@ -5,6 +5,8 @@
 #   profile   bench/profile_step.py on the Llama-3.1-8B shape: decode batch 1 and 128, prefill 8k
 #   offline   kvfabric bench offline, Llama-3.1-8B shape with HF transformers beside it
 #   quick     the same without HF (a faster look while tuning)
+#   unfused   the A/B: decode 1/128 and prefill 512/8k with the torch expressions instead of
+#             engine/kernels (no HF)
 #   qwen      kvfabric bench offline, Qwen3-0.6B shape, no HF
 #   dcp       bench/dcp.py, N = 1 vs 2 (needs two GPUs)
 # Example: KVFABRIC_COMMIT=abc1234 bash scripts/gpu_check.sh tests profile quick
@@ -28,6 +30,9 @@ for s in $sections; do
       python3 -m kvfabric.cli bench offline "${L8[@]}" --out "$OUT/llama8b" 2>&1 | grep -v Warning | tee "$OUT/bench_llama8b.log" ;;
     quick)
       python3 -m kvfabric.cli bench offline "${L8[@]}" --no-hf --out "$OUT/llama8b" 2>&1 | grep -v Warning | tee "$OUT/bench_llama8b.log" ;;
+    unfused)
+      python3 -m kvfabric.cli bench offline "${L8[@]}" --no-hf --no-fused-kernels --batches 1,128 --prefill 512,8192 \
+        --num-requests 64 --out "$OUT/unfused" 2>&1 | grep -v Warning | tee "$OUT/bench_unfused.log" ;;
     qwen)
       python3 -m kvfabric.cli bench offline --model preset:qwen3-0.6b --dtype bfloat16 --max-model-len 8448 \
         --no-hf --out "$OUT/qwen3" 2>&1 | grep -v Warning | tee "$OUT/bench_qwen3.log" ;;
