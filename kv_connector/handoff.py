@@ -163,13 +163,15 @@ class HandoffConnector(KVConnectorBase):
         self._copy_stream: Any = None  # device caches: where loads are uploaded
         # Consumer state, scheduler thread only.
         self._remote: dict[str, dict[str, Any]] = {}  # hand-offs we still owe a done/release
-        self._loaded: set[str] = set()  # consumer requests whose load completed (done already sent)
+        # Consumer requests the producer needs no more word about: loaded (done sent), or failed in
+        # the transport, which released the blocks itself or found the producer gone.
+        self._settled: set[str] = set()
         self._matched: dict[str, int] = {}  # request_id -> locally computed tokens at match time
         self._unstarted: dict[str, Load] = {}
         self._pending: set[str] = set()  # loads whose result get_finished has yet to report
         # Written by transport threads.
         self._recved: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._failed: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._failed: queue.SimpleQueue[tuple[str, str, bool]] = queue.SimpleQueue()
         self._counters_lock = threading.Lock()
         self._counters = dict(bytes_sent=0, bytes_received=0, transfers=0, failures=0, expired=0,
                               released_early=0, aborted=0)
@@ -205,8 +207,10 @@ class HandoffConnector(KVConnectorBase):
     def load_done(self, request_id: str) -> None:
         self._recved.put(request_id)
 
-    def load_failed(self, request_id: str, why: str) -> None:
-        self._failed.put((request_id, why))
+    def load_failed(self, request_id: str, why: str, released: bool = False) -> None:
+        """``released``: the transport told the producer to release, or found it gone; finishing
+        the request then sends nothing (a release to a dead producer would open a new connection)."""
+        self._failed.put((request_id, why, released))
 
     def write_blocks(self, local_ids: np.ndarray, src: torch.Tensor | np.ndarray) -> None:
         """Copy ``src`` ([n, block_bytes] uint8) into local blocks ``local_ids``."""
@@ -287,7 +291,7 @@ class HandoffConnector(KVConnectorBase):
         elif self._owes_release(request):
             self._release_remote(request.kv_transfer_params)  # finished before it was even matched
             self.count("released_early")
-        self._loaded.discard(rid)
+        self._settled.discard(rid)
         if not self._sends(request, block_ids):
             return False, None
         self.holds.hold(rid, block_ids, self.expiry_s)
@@ -302,7 +306,7 @@ class HandoffConnector(KVConnectorBase):
     def _owes_release(self, request: Any) -> bool:
         params = request.kv_transfer_params
         return (self.role != KVConnectorRole.PRODUCER and bool(params) and "remote_block_ids" in params
-                and request.request_id not in self._loaded and params.get("kv_connector", self.name) == self.name)
+                and request.request_id not in self._settled and params.get("kv_connector", self.name) == self.name)
 
     def _sends(self, request: Any, block_ids: list[int]) -> bool:
         if self.role == KVConnectorRole.CONSUMER or not block_ids or request.num_computed_tokens <= 0:
@@ -339,15 +343,18 @@ class HandoffConnector(KVConnectorBase):
             self.count("expired", expired)
         recved: set[str] = set()
         failed: dict[str, str] = {}
+        released: set[str] = set()
         while not self._recved.empty():
             recved.add(self._recved.get())
         while not self._failed.empty():
-            rid, why = self._failed.get()
+            rid, why, was_released = self._failed.get()
             failed[rid] = why
+            if was_released:
+                released.add(rid)
         # Only what is still pending: an aborted load's late result is nobody's business.
         recved &= self._pending
         failed = {rid: why for rid, why in failed.items() if rid in self._pending and rid not in recved}
-        self._loaded |= recved
+        self._settled |= recved | (released & failed.keys())
         for rid in recved | failed.keys():
             self._pending.discard(rid)
             self._remote.pop(rid, None)

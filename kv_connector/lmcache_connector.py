@@ -12,8 +12,9 @@ passed through unchanged. One request's life here (loads are synchronous, like `
 3. **loaded** — ``start_load_kv`` runs ``LMCacheEngine.retrieve`` (its memory objects are copied
    into ``kv_cache[block_ids]``) and copies the remote blocks, then unpins.
 4. **saved** — ``request_finished`` stores the request's full computed chunks that LMCache does not
-   hold (``LMCacheEngine.store(hashes=, offsets=)``) and puts to the remote tier the blocks it lacks.
-   A block that came from the remote tier is stored in LMCache here too: the next hit is local.
+   hold (``LMCacheEngine.store(hashes=, offsets=)``) and puts to the remote tier the blocks it lacks
+   (except in the ``kv_consumer`` role, below). A block that came from the remote tier is stored in
+   LMCache here too: the next hit is local.
 
 **Keys: no recomputation.** LMCache's ``chunk_size`` must be ``k × block_size`` (default: ``k = 1``,
 ``chunk_size = block_size``). Chunk ``c`` covers our blocks ``[c·k, (c+1)·k)``; its LMCache chunk hash
@@ -24,9 +25,23 @@ that carries them (``_HashedPrompt``), read by ``_BlockHashDatabase``. Only full
 
 **Layout.** A chunk's LMCache memory object is LMCache's ``KV_2LTD``: ``[2, num_layers, chunk_size,
 num_kv_heads·head_dim]``. ``_BlockMajorKV`` is the ``GPUConnectorInterface`` that moves it to and
-from our block-major ``[num_blocks, num_layers, 2, block_size, heads, head_dim]`` cache: one gather
-+ permute per chunk on save, one ``index_copy_`` per chunk on load, on whatever device the cache
-lives (plain torch, no LMCache CUDA kernel), skipping blocks the prefix cache already had.
+from our block-major ``[num_blocks, num_layers, 2, block_size, heads, head_dim]`` cache with plain
+torch, no LMCache CUDA kernel (``lmcache.cuda_ops`` is built against one torch and need not load).
+The memory objects live where LMCache allocates them (host memory, pinned when there is a GPU); per
+chunk, a save is a gather + permute on the cache's device and one copy out, a load one copy in and
+a permuted ``index_copy_`` on the cache's device, skipping blocks the prefix cache already had.
+
+**Prefill → decode through LMCache.** Two engines that share only an LMCache server hand a request
+over without any transport: the prefill engine (``kv_producer``, or ``kv_both`` with
+``do_remote_decode``) saves at finish as above and returns ``kv_transfer_params`` ``{"kv_connector":
+"lmcache", "remote_engine_id", "num_tokens", "block_size"}`` — ``num_tokens``: the leading prompt
+tokens the server now holds — while holding nothing (the server has copies, so its blocks are freed
+at once). The decode engine (``kv_consumer``) needs no address: its ordinary lookup finds those
+blocks on the server and loads them before the request's first decode step, recomputing only the
+prompt's last partial block and the first token. It never waits: the producer's ``put`` returns
+after the server confirmed the blocks, before the prefill answers. A consumer never stores (what
+it would add is its own generated tokens, at a copy per finished request). If the server lost the
+blocks, decode recomputes them (``handoff_missed_tokens`` counts it, with a warning).
 
 **Remote tier.** ``remote_url: lm://HOST:PORT`` (LMCache's scheme for its own server) is served by
 ``storage_tiers.remote_tier.RemoteTier`` rather than handed to LMCache: it stores our blocks under
@@ -37,19 +52,22 @@ Extra config (``kv_connector_extra_config``): ``lmcache_config_file`` (LMCache's
 keys inline (``chunk_size``, ``local_cpu``, ``max_local_cpu_size`` [GB], ``local_disk``
 (``file:///path``), ``max_local_disk_size`` [GB], ``remote_url``, ...; inline wins), plus our own
 ``remote_required`` (default true: no server at start is an error; false: start without it) and
-``remote_retry_interval_s`` (1.0).
+``remote_retry_interval_s`` (1.0). LMCache's usage telemetry (a report to its vendor's server from
+every engine) is off unless ``LMCACHE_TRACK_USAGE`` is set in the environment.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from kv_connector.base import KVConnectorBase, KVTransferConfig, full_computed_blocks
+from kv_connector.base import KVConnectorBase, KVConnectorRole, KVTransferConfig, full_computed_blocks
+from storage_tiers.base import StorageTierError
 from storage_tiers.metrics import LatencyMetrics
 
 logger = logging.getLogger(__name__)
@@ -131,41 +149,58 @@ def _make_lmcache_classes() -> tuple[type, type]:
         def get_shape(self, num_tokens: int) -> torch.Size:
             return torch.Size([2, self.num_layers, num_tokens, self.heads * self.head_dim])
 
-        def _ids(self, start: int, end: int, block_ids: list[int]) -> list[int]:
-            return block_ids[start // self.block_size:end // self.block_size]
-
         def from_gpu(self, memory_obj, start, end, **kw):
             self.batched_from_gpu([memory_obj], [start], [end], **kw)
 
         def to_gpu(self, memory_obj, start, end, **kw):
             self.batched_to_gpu([memory_obj], [start], [end], **kw)
 
+        def _sync(self) -> None:
+            # LMCache hands the memory objects to its backends (save) or frees them (load) as soon as
+            # we return, so the asynchronous copies into or out of pinned memory must be done.
+            if self.kv_cache.device.type == "cuda":
+                torch.cuda.current_stream(self.kv_cache.device).synchronize()
+
         def batched_from_gpu(self, memory_objs, starts, ends, **kw):
-            block_ids = kw["block_ids"]
+            dev = self.kv_cache.device
+            ids = torch.tensor(kw["block_ids"], device=dev)  # one upload for every chunk
+            bs, on_gpu = self.block_size, dev.type == "cuda"
             for m, s, e in zip(memory_objs, starts, ends):
-                idx = torch.tensor(self._ids(s, e, block_ids), device=self.kv_cache.device)
-                src = self.kv_cache.index_select(0, idx)  # [k, L, 2, bs, H, D]
-                m.tensor.copy_(src.permute(2, 1, 0, 3, 4, 5).reshape(m.tensor.shape))
+                src = self.kv_cache.index_select(0, ids[s // bs:e // bs])  # [k, L, 2, bs, H, D]
+                # KV_2LTD with the token axis split by block: [2, L, k, bs, H, D]. The permute runs on
+                # the cache's device, then one DMA fills the (pinned) memory object.
+                dst = m.tensor.view(2, self.num_layers, (e - s) // bs, bs, self.heads, self.head_dim)
+                dst.copy_(src.permute(2, 1, 0, 3, 4, 5), non_blocking=on_gpu)
+            self._sync()
 
         def batched_to_gpu(self, memory_objs, starts, ends, **kw):
+            dev = self.kv_cache.device
             block_ids, first_block = kw["block_ids"], kw.get("first_block", 0)
-            bs = self.block_size
+            ids = torch.tensor(block_ids, device=dev)
+            bs, on_gpu = self.block_size, dev.type == "cuda"
             for m, s, e in zip(memory_objs, starts, ends):
                 k = (e - s) // bs
-                skip = max(0, first_block - s // bs)
+                skip = max(0, first_block - s // bs)  # blocks the prefix cache already had
                 if skip >= k:
                     continue
-                ids = self._ids(s, e, block_ids)[skip:]
-                src = m.tensor.view(2, self.num_layers, k, bs, self.heads, self.head_dim)
-                src = src.permute(2, 1, 0, 3, 4, 5)[skip:].to(self.kv_cache.device, non_blocking=True)
-                self.kv_cache.index_copy_(0, torch.tensor(ids, device=self.kv_cache.device), src)
-            if self.kv_cache.device.type == "cuda":
-                torch.cuda.current_stream(self.kv_cache.device).synchronize()  # LMCache frees the objs next
+                # The contiguous chunk goes to the device in one DMA and is permuted there: permuting
+                # on the host first would cost a host copy and a pageable (synchronous) upload.
+                src = m.tensor.to(dev, non_blocking=on_gpu).view(2, self.num_layers, k, bs, self.heads, self.head_dim)
+                self.kv_cache.index_copy_(0, ids[s // bs + skip:e // bs], src.permute(2, 1, 0, 3, 4, 5)[skip:])
+            self._sync()
 
         def initialize_kvcaches_ptr(self, **kwargs):
             pass
 
     return BlockHashDatabase, BlockMajorKV
+
+
+def _continues_elsewhere(request: Any) -> bool:
+    """A prefill that stopped for length (its max_tokens=1) with ``do_remote_decode``: one that hit
+    EOS or a stop string is complete, and nobody comes for an aborted one."""
+    if getattr(getattr(request, "status", None), "finish_reason", "length") != "length":
+        return False
+    return bool((request.kv_transfer_params or {}).get("do_remote_decode"))
 
 
 class LMCacheConnector(KVConnectorBase):
@@ -183,12 +218,17 @@ class LMCacheConnector(KVConnectorBase):
         self._loads: dict[str, LMCacheLoad] = {}  # allocated, not yet copied
         self.latency = LatencyMetrics(registry)
         self._counters = dict(lookups=0, hit_tokens=0, lmcache_hit_tokens=0, remote_hit_tokens=0,
-                              loaded_blocks=0, stored_chunks=0, remote_saved_blocks=0, load_shortfalls=0)
+                              loaded_blocks=0, stored_chunks=0, remote_saved_blocks=0, load_shortfalls=0,
+                              handoffs_sent=0, handoffs_received=0, handoff_missed_tokens=0)
         self._closed = False
 
     # ---- worker half: setup -------------------------------------------------------------------
 
     def register_kv_cache(self, kv_cache: torch.Tensor, layout: dict[str, Any]) -> None:
+        # LMCache 0.5 posts usage telemetry to its vendor's server from every new engine unless told
+        # not to; a serving system must not phone home behind its operator's back, so it is off
+        # unless LMCACHE_TRACK_USAGE is set explicitly.
+        os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
         from lmcache.v1.cache_engine import LMCacheEngine
         from lmcache.v1.metadata import LMCacheMetadata
 
@@ -206,9 +246,21 @@ class LMCacheConnector(KVConnectorBase):
             from storage_tiers.remote_tier import RemoteTier
 
             cfg.remote_url = None
-            self.remote = RemoteTier.from_url(remote_url, self._blocks.shape[1],
-                                              required=bool(self.extra.get("remote_required", True)),
-                                              retry_interval_s=float(self.extra.get("remote_retry_interval_s", 1.0)))
+            retry_s = float(self.extra.get("remote_retry_interval_s", 1.0))
+            try:
+                self.remote = RemoteTier.from_url(remote_url, self._blocks.shape[1], retry_interval_s=retry_s,
+                                                  required=bool(self.extra.get("remote_required", True)))
+            except StorageTierError as e:
+                # The tier's advice names its own argument; a user of this connector sets these keys.
+                address = remote_url[len("lm://"):].rstrip("/")
+                raise StorageTierError(
+                    f"lmcache connector: no LMCache server at {address} (remote_url). Start one "
+                    f"(`python -m storage_tiers.lmcache_server HOST PORT`, or an `lmcache_server` section in the "
+                    f"kvfabric config and `kvfabric up` starts it), or set remote_required: false to serve "
+                    f"without the remote tier until it appears") from e
+        if self.role != KVConnectorRole.BOTH and self.remote is None:
+            logger.warning("lmcache connector as %s without an lm:// remote_url: prefill and decode share only what "
+                           "LMCache's own backends share, so decode may recompute the prompt", self.role.value)
         L, _, _, H, D = expect
         metadata = LMCacheMetadata(model_name="kvfabric", world_size=1, local_world_size=1, worker_id=0,
                                    local_worker_id=0, kv_dtype=kv_cache.dtype,
@@ -233,6 +285,7 @@ class LMCacheConnector(KVConnectorBase):
         first_block = num_computed_tokens // bs
         self._counters["lookups"] += 1
         if last_block <= first_block:
+            self._check_handoff(request, num_computed_tokens)
             return 0, False
         hashes = request.block_hashes
         last_chunk = last_block // k
@@ -254,6 +307,7 @@ class LMCacheConnector(KVConnectorBase):
                 load.remote_first, load.remote_keys, load.remote_buffers = got, keys[:n], bufs[:n]
                 self._counters["remote_hit_tokens"] += n * bs
                 got += n
+        self._check_handoff(request, got * bs)
         if got <= first_block:
             self._drop(load)
             return 0, False
@@ -261,6 +315,19 @@ class LMCacheConnector(KVConnectorBase):
         self._counters["lmcache_hit_tokens"] += max(0, lm_tokens - num_computed_tokens)
         self._counters["hit_tokens"] += got * bs - num_computed_tokens
         return got * bs - num_computed_tokens, False
+
+    def _check_handoff(self, request: Any, found_tokens: int) -> None:
+        """A request prefilled by an ``lmcache`` producer: did we find what it stored?"""
+        params = request.kv_transfer_params or {}
+        if self.role == KVConnectorRole.PRODUCER or params.get("kv_connector") != self.name:
+            return
+        self._counters["handoffs_received"] += 1
+        missed = int(params.get("num_tokens", 0)) - found_tokens
+        if missed > 0:
+            self._counters["handoff_missed_tokens"] += missed
+            logger.warning("request %s: the prefill stored %d prompt tokens, %d are not found here: recomputing them "
+                           "(the LMCache server lost them, or the two engines use different servers or block sizes)",
+                           request.request_id, params.get("num_tokens"), missed)
 
     def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
         load = self._matches.pop(request.request_id, None)
@@ -283,16 +350,24 @@ class LMCacheConnector(KVConnectorBase):
         rid = request.request_id
         self._drop(self._matches.pop(rid, None))
         self._drop(self._loads.pop(rid, None))
-        if self.engine is None or not block_ids:
+        if self.engine is None or not block_ids or self.role == KVConnectorRole.CONSUMER:
             return False, None
         hashes, ids = full_computed_blocks(request, block_ids, self.block_size)
+        shared = 0
         if hashes:
             t0 = time.perf_counter()
-            self._save(hashes, ids, rid)
+            shared = self._save(hashes, ids, rid)
             self.latency.observe("save", time.perf_counter() - t0)
-        return False, None
+        if not _continues_elsewhere(request):
+            return False, None
+        # Nothing is held: the decode engine reads the server's copies, so these blocks are free now.
+        self._counters["handoffs_sent"] += 1
+        return False, {"kv_connector": self.name, "remote_engine_id": self.engine_id,
+                       "num_tokens": shared * self.block_size, "block_size": self.block_size}
 
-    def _save(self, hashes: list[bytes], block_ids: list[int], rid: str) -> None:
+    def _save(self, hashes: list[bytes], block_ids: list[int], rid: str) -> int:
+        """Store what LMCache and the remote tier lack; returns how many leading blocks the remote
+        tier holds now (0 without one)."""
         k = self.chunk_size // self.block_size
         num_chunks = len(hashes) // k
         if num_chunks:
@@ -305,12 +380,18 @@ class LMCacheConnector(KVConnectorBase):
                 self.engine.store(hashes=chunk_hashes[held:], offsets=offsets[held:], slot_mapping=[],
                                   block_ids=block_ids[held * k:num_chunks * k], req_id=rid)
                 self._counters["stored_chunks"] += num_chunks - held
-        if self.remote is not None:
-            missing = [i for i, h in enumerate(self.remote.contains(hashes)) if not h]
-            if missing and self.remote.connected:
-                rows = self._blocks.index_select(0, torch.tensor([block_ids[i] for i in missing],
-                                                                 device=self._blocks.device)).cpu()
-                self._counters["remote_saved_blocks"] += self.remote.put([hashes[i] for i in missing], rows)
+        if self.remote is None:
+            return 0
+        held = self.remote.contains(hashes)
+        missing = [i for i, h in enumerate(held) if not h]
+        if missing and self.remote.connected:
+            rows = self._blocks.index_select(0, torch.tensor([block_ids[i] for i in missing],
+                                                             device=self._blocks.device)).cpu()
+            if self.remote.put([hashes[i] for i in missing], rows):
+                self._counters["remote_saved_blocks"] += len(missing)
+                for i in missing:
+                    held[i] = True
+        return next((i for i, h in enumerate(held) if not h), len(held))
 
     # ---- worker half: loads --------------------------------------------------------------------
 

@@ -26,11 +26,25 @@ hold is released (or expired) and no lease is open, so nothing leaks when a cons
 
 One IO thread per connector owns the agent and every socket (NIXL agents are used unlocked);
 the scheduler thread talks to it through a command queue. ``abort`` returns only once the
-request's READ is cancelled or finished, so no byte lands in its blocks afterwards.
+request's READ is cancelled or finished, so no byte lands in its blocks afterwards. While a READ
+runs the thread spins (50 µs naps) on its state, so completion is seen within ~0.1 ms, not at the
+next 1 ms poll; otherwise it sleeps in ``zmq.poll``.
+
+A READ that fails or stays unfinished for ``recv_timeout_s`` means the producer (or the UCX
+connection to it) is gone: every load on it fails, and its remote agent and socket are dropped
+*before* the failures are reported, so an engine that sees the error sees nothing of the peer
+left. A fresh handshake happens with the next load.
+
+UCX backend parameters: NIXL's UCX backend defaults to peer error handling (needed to notice a
+dead producer), and UCX disables GET over ``cuda_ipc`` on GPUs without NVLink, so a READ between
+two processes on one PCIe GPU fell back to TCP (0.25–0.42 GB/s measured on an H100). The
+connector therefore passes ``engine_config: CUDA_IPC_ENABLE_GET_ZCOPY=y`` (NIXL leaves an
+explicit ``UCX_*`` environment variable alone, so the environment still wins).
 
 Extra config: ``expiry_s`` (120), ``recv_timeout_s`` (10: no side-channel answer or an
 unfinished READ for this long fails the load), ``peer_idle_s`` (30: an idle producer's socket
-and remote agent are dropped), ``backends`` (["UCX"]), ``advertise_host``.
+and remote agent are dropped), ``backends`` (["UCX"]), ``backend_params`` ({backend: {param:
+value}}, merged over the defaults above), ``advertise_host``.
 """
 
 from __future__ import annotations
@@ -54,7 +68,12 @@ from kv_connector.handoff import HandoffConnector, Load, layout_mismatch
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 20  # nothing in flight: how soon shutdown and notifications are noticed
-_BUSY_POLL_MS = 1  # a READ or a lease in flight
+_BUSY_POLL_MS = 1  # a lease in flight: how soon the producer sees the done notification
+_SPIN_S = 50e-6  # a READ in flight: its completion is polled, not signalled
+# Without NVLink UCX turns GET over cuda_ipc off, and a READ between two processes on one GPU
+# falls back to TCP. Upstream NIXL turns it back on too (ai-dynamo/nixl#2208); asking explicitly
+# keeps wheels that predate that fix fast.
+DEFAULT_BACKEND_PARAMS = {"UCX": {"engine_config": "CUDA_IPC_ENABLE_GET_ZCOPY=y"}}
 
 
 def nixl_api():
@@ -100,6 +119,9 @@ class NixlConnector(HandoffConnector):
         self.recv_timeout_s = float(config.extra("recv_timeout_s", 10.0))
         self.peer_idle_s = float(config.extra("peer_idle_s", 30.0))
         self.backends = list(config.extra("backends", ["UCX"]))
+        given = config.extra("backend_params", {}) or {}
+        self.backend_params = {b: {**DEFAULT_BACKEND_PARAMS.get(b, {}),
+                                   **{k: str(v) for k, v in given.get(b, {}).items()}} for b in self.backends}
         self._ctx = zmq.Context()
         self._io: _Io | None = None
 
@@ -200,10 +222,12 @@ class _Io(threading.Thread):
         self.block_bytes = int(conn.wire_layout["block_bytes"])
         self.agent_name = f"kvfabric-{conn.engine_id}"
         # Created here so a failure (no UCX plugin, registration refused) raises from register_kv_cache.
-        self.agent = conn._nixl_agent(self.agent_name, conn._nixl_config(backends=conn.backends))
-        missing = [b for b in conn.backends if b not in self.agent.backends]
+        self.agent = conn._nixl_agent(self.agent_name, conn._nixl_config(backends=[]))
+        missing = [b for b in conn.backends if b not in self.agent.get_plugin_list()]
         if missing:
             raise RuntimeError(f"NIXL backends {missing} unavailable; plugins: {self.agent.get_plugin_list()}")
+        for b in conn.backends:
+            self.agent.create_backend(b, conn.backend_params[b])
         self._reg = self.agent.register_memory(cache)
         self.registered = True
         self.md = self.agent.get_agent_metadata()
@@ -266,8 +290,10 @@ class _Io(threading.Thread):
                     poller.register(self.router, zmq.POLLIN)
                 for p in self._peers.values():
                     poller.register(p.sock, zmq.POLLIN)
-                busy = self.num_xfers or self._leases
-                ready = dict(poller.poll(_BUSY_POLL_MS if busy else _IDLE_POLL_MS))
+                reading = self.num_xfers > 0
+                ready = dict(poller.poll(0 if reading else _BUSY_POLL_MS if self._leases else _IDLE_POLL_MS))
+                if reading and not ready:
+                    time.sleep(_SPIN_S)
                 if self._wake_rx in ready:
                     while self._wake_rx.poll(0):
                         self._wake_rx.recv()
@@ -487,7 +513,7 @@ class _Io(threading.Thread):
 
     def _check_reads(self) -> None:
         now = time.monotonic()
-        for p in list(self._peers.values()):
+        for key, p in list(self._peers.items()):
             for x in list(p.reading.values()):
                 try:
                     state = self.agent.check_xfer_state(x.handle)
@@ -496,10 +522,12 @@ class _Io(threading.Thread):
                 if state == "DONE":
                     self._finish(p, x)
                 elif state != "PROC":
-                    self._fail(p, x, f"NIXL READ from producer {p.name} failed: {state} (producer gone?)")
+                    self._fail_peer(key, p, f"NIXL READ from producer {p.name} failed: {state} (producer gone?)")
+                    break
                 elif now - x.posted_at > self.conn.recv_timeout_s:
-                    self._fail(p, x, f"NIXL READ from producer {p.name} unfinished after "
-                                     f"{now - x.posted_at:.1f}s (producer unreachable or gone)")
+                    self._fail_peer(key, p, f"NIXL READ from producer {p.name} unfinished after "
+                                            f"{now - x.posted_at:.1f}s (producer unreachable or gone)")
+                    break
 
     def _finish(self, p: _Peer, x: _Xfer) -> None:
         self._settle(x)
@@ -538,18 +566,41 @@ class _Io(threading.Thread):
                 "xfer": x.id}
 
     def _fail(self, p: _Peer, x: _Xfer, why: str, release: bool = True) -> None:
+        """One load fails on a producer that is still there. ``release=False``: it refused the
+        read, so it holds nothing for us; either way finishing the request owes it no word."""
         self._settle(x)
         p.asked.pop(x.id, None)
-        with self._lock:
-            if self._live.get(x.load.request_id) is x:
-                del self._live[x.load.request_id]
-        if not x.cancelled:
-            self.conn.load_failed(x.load.request_id, why)
         if release:
             try:
                 self._send(p, self._release_msg(x))
             except zmq.ZMQError:
                 pass
+        with self._lock:
+            if self._live.get(x.load.request_id) is x:
+                del self._live[x.load.request_id]
+        if not x.cancelled:
+            self.conn.load_failed(x.load.request_id, why, released=True)
+
+    def _fail_peer(self, key: tuple[str, int], p: _Peer, why: str) -> None:
+        """Every load on a broken producer fails. Its READs are settled, its remote agent and
+        socket dropped (a fresh handshake comes with the next load) before any failure is
+        reported, so whoever sees the failure finds nothing of the peer left."""
+        doomed = list(p.waiting) + list(p.asked.values()) + list(p.reading.values())
+        p.waiting.clear()
+        p.asked.clear()
+        for x in doomed:
+            self._settle(x)
+            try:  # a producer that is merely slow frees the blocks now, not at lease end
+                p.sock.send(json.dumps(self._release_msg(x)).encode(), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self._close_peer(key, linger=200)  # long enough for the releases, short for a dead peer
+        for x in doomed:
+            with self._lock:
+                if self._live.get(x.load.request_id) is x:
+                    del self._live[x.load.request_id]
+            if not x.cancelled:
+                self.conn.load_failed(x.load.request_id, why, released=True)
 
     def _check_peers(self) -> None:
         now = time.monotonic()
@@ -557,10 +608,8 @@ class _Io(threading.Thread):
             silent = now - max(p.last_heard, p.asked_since)
             unanswered = p.asked or (p.hello_sent and p.agent is None and p.waiting)
             if unanswered and silent > self.conn.recv_timeout_s:
-                why = (f"producer {p.name} sent nothing for {silent:.1f}s (unreachable, or died mid-transfer)")
-                for x in list(p.waiting) + list(p.asked.values()) + list(p.reading.values()):
-                    self._fail(p, x, why, release=False)
-                self._close_peer(key, linger=0)  # a fresh socket and handshake later
+                self._fail_peer(key, p, f"producer {p.name} sent nothing for {silent:.1f}s "
+                                        f"(unreachable, or died mid-transfer)")
             elif not p.busy and now - p.last_heard > self.conn.peer_idle_s:
                 self._close_peer(key, linger=500)
 

@@ -23,8 +23,10 @@ Threads: one IO thread per connector posts every UCX operation and polls their c
 UCX worker's own progress thread moves the bytes. ``abort`` returns once the request's posted
 receives have completed or their endpoint is closed, so no byte lands in its blocks afterwards;
 a read accepted after its abort is drained into scratch memory so the producer's sends finish.
-A producer that sends nothing for ``recv_timeout_s`` while a load waits on it fails every load
-on it and its endpoint is closed.
+A producer that sends nothing for ``recv_timeout_s`` while a load waits on it, or whose
+connection breaks (killed: UCX says so at once), fails every load on it; its endpoint is closed,
+cancelling the posted receives, before the failures are reported, so whoever sees a failure finds
+nothing of that peer left.
 
 Extra config: ``expiry_s`` (120), ``recv_timeout_s`` (10), ``peer_idle_s`` (30),
 ``advertise_host``.
@@ -57,7 +59,15 @@ _BUSY_WAIT_S = 0.0002
 
 
 def ucx_api():
-    """(libucxx, Array) from ``ucxx`` (PyPI ucxx-cu12 / ucxx-cu13)."""
+    """(libucxx, Array) from ``ucxx`` (PyPI ucxx-cu12 / ucxx-cu13: the import names are the same)."""
+    try:
+        # libucxx.so finds libucp.so.0 only if UCX is loaded already; ucxx loads it only when
+        # librmm is installed too, which nothing here needs, so load the libucx wheel ourselves.
+        import libucx
+
+        libucx.load_library()
+    except ImportError:
+        pass  # a system UCX the dynamic loader finds
     try:
         import ucxx._lib.libucxx as ucx
         from ucxx._lib.arr import Array
@@ -126,7 +136,7 @@ class UcxConnector(HandoffConnector):
         s = super().stats()
         io = self._io
         s.update(open_peer_sockets=io.num_peers if io else 0, producer_endpoints=io.num_served if io else 0,
-                 cuda_transports=bool(io and io.cuda_direct))
+                 xfers_in_flight=io.num_xfers if io else 0, cuda_transports=bool(io and io.cuda_direct))
         return s
 
 
@@ -182,7 +192,7 @@ class _Io(threading.Thread):
         self._served: list[_Ep] = []  # producer side
         self._new_eps: list[Any] = []  # appended by the listener callback (UCX progress thread)
         self._owned: list[tuple[Any, Any]] = []  # (request, buffer it uses) until the request completes
-        self.num_peers = self.num_served = 0
+        self.num_peers = self.num_served = self.num_xfers = 0  # num_xfers: loads with receives posted
         cache = conn.kv_cache
         self.on_gpu = cache.device.type == "cuda"
         self.ctx = ucx.UCXContext(feature_flags=(ucx.Feature.TAG, ucx.Feature.AM, ucx.Feature.WAKEUP))
@@ -436,6 +446,7 @@ class _Io(threading.Thread):
                     dst = self.conn._blocks_np[int(x.local_ids[s]):int(x.local_ids[s]) + n]
                 x.recvs.append(p.ep.tag_recv(self._buffer(dst), self.conn._ucx.UCXXTag((x.id << 32) | i)))
         p.receiving[x.id] = x
+        self._count_xfers()
 
     def _drain_into_scratch(self, p: _Ep, x: _Xfer, raw: bytes) -> None:
         """An accepted read nobody wants: receive its runs anyway, so the producer's sends end."""
@@ -447,8 +458,12 @@ class _Io(threading.Thread):
         self._send(p.ep, {"op": "release", "request_id": x.load.remote_request_id})
         x.settled.set()
 
+    def _count_xfers(self) -> None:
+        self.num_xfers = sum(len(q.receiving) for q in self._peers.values())
+
     def _finish(self, p: _Ep, x: _Xfer) -> None:
         p.receiving.pop(x.id, None)
+        self._count_xfers()
         with self._lock:
             live = self._live.get(x.load.request_id) is x and not x.cancelled
             if live:
@@ -466,14 +481,18 @@ class _Io(threading.Thread):
             self.conn.load_done(x.load.request_id)
 
     def _fail(self, p: _Ep | None, x: _Xfer, why: str, release: bool = True) -> None:
+        """``p`` None: the producer is gone or unreachable. Otherwise it is told to release unless
+        it refused the read (it holds nothing for us). Either way finishing the request owes it
+        no word, so the failure is reported as released."""
         if p is not None:
             p.asked.pop(x.id, None)
             p.receiving.pop(x.id, None)
+            self._count_xfers()
         with self._lock:
             if self._live.get(x.load.request_id) is x:
                 del self._live[x.load.request_id]
         if not x.cancelled:
-            self.conn.load_failed(x.load.request_id, why)
+            self.conn.load_failed(x.load.request_id, why, released=True)
         if release and p is not None:
             try:
                 self._send(p.ep, {"op": "release", "request_id": x.load.remote_request_id})
@@ -483,17 +502,23 @@ class _Io(threading.Thread):
             x.settled.set()  # otherwise receives are still posted: settled when their endpoint closes
 
     def _fail_peer(self, key: tuple[str, int], p: _Ep, why: str) -> None:
-        for x in list(p.asked.values()) + list(p.receiving.values()):
-            self._fail(p, x, why, release=False)
-            p.receiving[x.id] = x  # keep it until the close below cancels its receives
+        """Every load on a broken producer fails. Closing the endpoint cancels the posted receives,
+        and it happens before any failure is reported: whoever sees the failure finds nothing of
+        the peer left, and no byte can land in the failed requests' blocks."""
+        doomed = list(p.asked.values()) + list(p.receiving.values())
+        p.asked.clear()
         self._close_peer(key)
+        for x in doomed:
+            self._fail(None, x, why, release=False)
 
     def _close_peer(self, key: tuple[str, int]) -> None:
         p = self._peers.pop(key)
         self._close_ep(p.ep)
         for x in p.receiving.values():
             x.settled.set()
+        p.receiving.clear()
         self.num_peers = len(self._peers)
+        self._count_xfers()
 
     def _check_peers(self) -> None:
         now = time.monotonic()

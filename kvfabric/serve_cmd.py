@@ -61,14 +61,19 @@ def build_engine(cfg: KVFabricConfig, role: str):
 def connector_spec(cfg: KVFabricConfig, role: str) -> dict | None:
     """The kv_transfer_config for ``role``. A ``tiers`` section puts the storage tiers in front:
     on prefill a ``multi`` of tiered + the transport (prefixes come from the tiers, the rest is
-    computed and handed to decode); colocated, the tiers alone."""
+    computed and handed to decode); colocated, the tiers alone — plus ``lmcache`` when that is the
+    connector, since it is a cache as well as the hand-off (a colocated engine then reuses the
+    prefixes every instance put on a shared LMCache server)."""
     transport = {**cfg.kv_transfer_config, "kv_role": _KV_ROLES.get(role, "kv_both")}
     tiered = {"kv_connector": "tiered", "kv_role": "kv_both", "kv_connector_extra_config": cfg.tiers}
     if role == "prefill" and cfg.tiers:
         return {"kv_connector": "multi", "kv_role": "kv_producer",
                 "kv_connector_extra_config": {"connectors": [tiered, transport]}}
     if role == "colocated":
-        return tiered if cfg.tiers else None
+        caches = ([tiered] if cfg.tiers else []) + ([transport] if transport["kv_connector"] == "lmcache" else [])
+        if len(caches) > 1:
+            return {"kv_connector": "multi", "kv_role": "kv_both", "kv_connector_extra_config": {"connectors": caches}}
+        return caches[0] if caches else None
     return transport
 
 

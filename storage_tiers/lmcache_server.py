@@ -10,12 +10,18 @@ process.
     ... RemoteTier("127.0.0.1", server.port, ...) ...
     server.stop()
 
-Nothing here imports lmcache: the child process does, so the parent only needs it installed.
+``python -m storage_tiers.lmcache_server HOST PORT`` runs the same server in the foreground: what
+``kvfabric up`` supervises (its ``lmcache_server`` config section) and docker-compose's
+``lmcache-server`` service runs. Nothing else here imports lmcache: the child process does, so the
+parent only needs it installed.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import runpy
+import signal
 import socket
 import subprocess
 import sys
@@ -50,27 +56,52 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-# This runs the unmodified ``lmcache.v1.server`` module with two socket options it does not set:
-# SO_REUSEADDR, so a server restarted after a crash can take its port back while the dead one's
-# connections sit in TIME_WAIT (60 s); and TCP_NODELAY on accepted connections, since a GET reply is
-# two writes (header, payload) and Nagle holds the second for the client's delayed ACK: measured
-# here, ~40 ms per block read (a 27-block hit took 1.5 s instead of a few ms).
-_LAUNCH = """
-import runpy, socket, sys
-_bind = socket.socket.bind
-def bind(self, address):
-    self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    return _bind(self, address)
-socket.socket.bind = bind
-_accept = socket.socket.accept
-def accept(self):
-    conn, address = _accept(self)
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return conn, address
-socket.socket.accept = accept
-sys.argv = ["lmcache.v1.server", *sys.argv[1:]]
-runpy.run_module("lmcache.v1.server", run_name="__main__", alter_sys=True)
-"""
+def server_argv(host: str, port: int, python: str | None = None) -> list[str]:
+    """The command line that runs the server in the foreground (``kvfabric up`` supervises it)."""
+    return [python or sys.executable, "-m", "storage_tiers.lmcache_server", host, str(port)]
+
+
+def _socket_options() -> None:
+    """Give the unmodified ``lmcache.v1.server`` two socket options it does not set: SO_REUSEADDR,
+    so a server restarted after a crash can take its port back while the dead one's connections sit
+    in TIME_WAIT (60 s); and TCP_NODELAY on accepted connections, since a GET reply is two writes
+    (header, payload) and Nagle holds the second for the client's delayed ACK: measured here,
+    ~40 ms per block read (a 27-block hit took 1.5 s instead of a few ms). Patched process-wide,
+    which is why the server gets a process of its own."""
+    bind, accept = socket.socket.bind, socket.socket.accept
+
+    def bind_reusing(self, address):
+        self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return bind(self, address)
+
+    def accept_nodelay(self):
+        conn, address = accept(self)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn, address
+
+    socket.socket.bind, socket.socket.accept = bind_reusing, accept_nodelay
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m storage_tiers.lmcache_server",
+                                     description="LMCache's server, as `python -m lmcache.v1.server HOST PORT` "
+                                                 "runs it, with SO_REUSEADDR and TCP_NODELAY")
+    parser.add_argument("host")
+    parser.add_argument("port", type=int)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")  # no reports to LMCache's vendor
+    # Everything the server holds is in this process's memory, so there is nothing to flush; and
+    # its per-client threads are not daemons, so a KeyboardInterrupt would wait for every engine to
+    # disconnect. As PID 1 of a container it would also ignore an unhandled SIGTERM.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: os._exit(0))
+    _socket_options()
+    sys.argv = ["lmcache.v1.server", args.host, str(args.port), "cpu"]
+    runpy.run_module("lmcache.v1.server", run_name="__main__", alter_sys=True)
 
 
 @dataclass
@@ -89,9 +120,10 @@ class LMCacheServer:
             raise RuntimeError(f"{host}:{port} is already in use")
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:
-            proc = subprocess.Popen([python or sys.executable, "-c", _LAUNCH, host, str(port), "cpu"],
+            proc = subprocess.Popen(server_argv(host, port, python),
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")},
+                                    env={"LMCACHE_TRACK_USAGE": "false",  # no reports to LMCache's vendor
+                                         **os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")},
                                     start_new_session=True)
         finally:
             if log_path:
@@ -126,3 +158,7 @@ class LMCacheServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+if __name__ == "__main__":
+    main()

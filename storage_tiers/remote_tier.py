@@ -14,6 +14,9 @@ Failure, by design never an error on the request path:
   and how to start one. ``required=False``: a warning, and the tier starts *down*.
 - **dies mid-run** — the call that notices gets misses (``contains`` False, ``get`` None, ``put``
   0), one warning per outage, ``failures`` counts it; no call blocks longer than ``io_timeout_s``.
+- **visibility** — ``put`` returns only after the server confirmed it (a HEALTH round trip after
+  the PUTs, which have no reply): a block another instance is told about is already there. This
+  is what lets the ``lmcache`` connector hand a prefill to a decode instance through the server.
 - **returns** — while down, each call first retries the connection, at most once per
   ``retry_interval_s``; on success it logs ``reconnected`` and serves again. The new server
   process is empty: what the old one held is gone, so those keys are misses until put again.
@@ -205,7 +208,6 @@ class RemoteTier(StorageTier):
         if len(keys) != len(buffers):
             raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
         payloads = [as_block_bytes(b, self.block_bytes).cpu() for b in buffers]
-        n = 0
         with self._lock:
             if not keys or not self._ready():
                 return 0
@@ -213,12 +215,23 @@ class RemoteTier(StorageTier):
                 for k, data in zip(keys, payloads):
                     self._sock.sendall(self._header(self._proto.ClientCommand.PUT, k, self.block_bytes))
                     self._sock.sendall(memoryview(data.numpy()))
-                    n += 1
+                self._barrier()
             except _WIRE_ERRORS as e:
                 self._fail("put", e)
-            self._counts["puts"] += n
-            self._counts["bytes_in"] += n * self.block_bytes
-        return n
+                return 0  # which of them the server stored before it failed is unknown
+            self._counts["puts"] += len(keys)
+            self._counts["bytes_in"] += len(keys) * self.block_bytes
+        return len(keys)
+
+    def _barrier(self) -> None:
+        # PUT has no reply, and the server serves one connection's commands in order: once a HEALTH
+        # sent after them is answered, every PUT before it is stored and visible to other clients.
+        self._sock.sendall(self._header(self._proto.ClientCommand.HEALTH, b"\0"))
+        if self._reply().code != self._proto.ServerReturnCode.SUCCESS:
+            raise ValueError("the LMCache server did not confirm the puts")
+
+    def flush(self) -> None:
+        """Every put that returned a count is already stored (``put`` ends with a round trip)."""
 
     def health(self) -> bool:
         """One HEALTH round trip (reconnecting first if down)."""
@@ -226,8 +239,8 @@ class RemoteTier(StorageTier):
             if not self._ready():
                 return False
             try:
-                self._sock.sendall(self._header(self._proto.ClientCommand.HEALTH, b"\0"))
-                return self._reply().code == self._proto.ServerReturnCode.SUCCESS
+                self._barrier()
+                return True
             except _WIRE_ERRORS as e:
                 self._fail("health", e)
                 return False

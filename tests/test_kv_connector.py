@@ -438,25 +438,48 @@ def test_config_parses_json_and_yaml():
         KVTransferConfig.from_dict({})
 
 
+_PLACEMENTS = [("cuda:0", "cuda:0"), ("pinned", "cuda:0"),  # "pinned": host memory the GPU reads directly
+               pytest.param("cuda:0", "cuda:1", marks=pytest.mark.skipif(
+                   torch.cuda.device_count() < 2, reason="needs two GPUs"))]
+
+
+def _cache(where: str, shape: tuple, fill) -> torch.Tensor:
+    if where == "pinned":
+        return fill(shape).bfloat16().pin_memory()
+    return fill(shape, device=where).bfloat16()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("producer_at,consumer_at", _PLACEMENTS)
 @pytest.mark.parametrize("name", NAMES)
-def test_device_caches_round_trip(name):
-    """Device caches: the producer stages blocks to host, the consumer uploads through pinned memory."""
+def test_device_caches_round_trip(name, producer_at, consumer_at):
+    """GPU caches (and a producer in pinned host memory, and two GPUs): scattered runs arrive intact,
+    whichever path the transport takes (CUDA IPC, cuda_copy, or staging through host memory)."""
     shape = (64, 2, 2, 4, 2, 8)
     layout = {**TINY, "dtype": "bfloat16"}
     producer = create_connector(KVTransferConfig(kv_connector=name, kv_role="kv_producer"))
     consumer = create_connector(KVTransferConfig(kv_connector=name, kv_role="kv_consumer"))
     try:
-        producer.register_kv_cache(torch.randn(shape, device="cuda").bfloat16(), layout)
-        consumer.register_kv_cache(torch.zeros(shape, device="cuda").bfloat16(), layout)
+        producer.register_kv_cache(_cache(producer_at, shape, torch.randn), layout)
+        consumer.register_kv_cache(_cache(consumer_at, shape, torch.zeros), layout)
         remote, local = [9, 3, 4, 5, 30, 31], [40, 41, 42, 7, 8, 1]
         consume(consumer, "d", produce(producer, "p", remote, num_tokens=22), local)
         _, recved, failed = poll(consumer, lambda s, r, f: r or f)
         assert recved == {"d"}, failed
-        assert torch.equal(blocks(consumer, local), blocks(producer, remote))
+        assert torch.equal(blocks(consumer, local).cpu(), blocks(producer, remote).cpu())
         poll(producer, lambda s, r, f: s)
         assert_clean(producer, consumer)
     finally:
         producer.shutdown()
         consumer.shutdown()
+
+
+@pytest.mark.parametrize("name", [_connector_param("nixl")])
+def test_nixl_backend_params_merge_over_the_cuda_ipc_default(name):
+    conn = create_connector(KVTransferConfig(kv_connector=name, kv_connector_extra_config={
+        "backend_params": {"UCX": {"num_workers": 2}}}))
+    try:  # without the default, a READ between two processes on one PCIe GPU goes over TCP
+        assert conn.backend_params == {"UCX": {"engine_config": "CUDA_IPC_ENABLE_GET_ZCOPY=y", "num_workers": "2"}}
+    finally:
+        conn.shutdown()

@@ -1,7 +1,8 @@
 """The ``lmcache`` connector (LMCache's cache engine under our block hashes) and the ``remote`` tier
-(LMCache's standalone server shared by several instances), on CPU. Driven the way the scheduler
-drives a connector: match → allocate → build meta → start load, ``request_finished`` at the end.
-Skipped where lmcache is not installed (install story: pyproject's ``lmcache`` extra)."""
+(LMCache's standalone server shared by several instances), on CPU, and with a bf16 cache on the
+GPU under the ``gpu`` marker (scripts/gpu_lmcache.sh). Driven the way the scheduler drives a
+connector: match → allocate → build meta → start load, ``request_finished`` at the end. Skipped
+where lmcache is not installed (install story: pyproject's ``lmcache`` extra)."""
 
 from __future__ import annotations
 
@@ -25,11 +26,19 @@ LAYOUT = dict(block_size=BS, num_layers=2, num_kv_heads=2, head_dim=8, model_id=
 BLOCK_BYTES = LAYOUT["num_layers"] * 2 * BS * LAYOUT["num_kv_heads"] * LAYOUT["head_dim"] * 4
 
 
-def make(extra: dict | None = None, num_blocks: int = 32):
+# The CUDA cases run on the device machine: a bf16 cache on the GPU, LMCache's memory objects in
+# (pinned) host memory, our own layout copies in between — none of LMCache's CUDA kernels.
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs CUDA")])
+
+
+def make(extra: dict | None = None, num_blocks: int = 32, device: str = "cpu"):
     extra = {"max_local_cpu_size": 0.02, **(extra or {})}
     conn = create_connector(KVTransferConfig(kv_connector="lmcache", kv_connector_extra_config=extra))
     shape = (num_blocks, LAYOUT["num_layers"], 2, BS, LAYOUT["num_kv_heads"], LAYOUT["head_dim"])
-    conn.register_kv_cache(torch.randn(shape), {**LAYOUT, "dtype": "float32"})
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    conn.register_kv_cache(torch.randn(shape, device=device, dtype=dtype),
+                           {**LAYOUT, "dtype": str(dtype).removeprefix("torch.")})
     return conn
 
 
@@ -75,9 +84,10 @@ def test_lmcache_is_registered():
     assert "lmcache" in known_connectors()
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("chunk_blocks", [1, 2])
-def test_blocks_saved_on_finish_load_into_other_blocks_with_equal_bytes(connectors, chunk_blocks):
-    conn = connectors({"chunk_size": chunk_blocks * BS})
+def test_blocks_saved_on_finish_load_into_other_blocks_with_equal_bytes(connectors, chunk_blocks, device):
+    conn = connectors({"chunk_size": chunk_blocks * BS}, device=device)
     prompt = list(range(100, 118))  # 4 full blocks and 2 tokens
     finish(conn, "a", prompt, [3, 5, 7, 9, 11])
     assert admit(conn, FakeRequest("b", prompt), [20, 21, 22, 23, 24]) == 16
@@ -94,8 +104,9 @@ def test_at_least_one_prompt_token_is_left_to_compute(connectors):
     assert admit(conn, FakeRequest("b", prompt), [10, 11, 12, 13]) == 12
 
 
-def test_blocks_the_prefix_cache_already_has_are_never_written(connectors):
-    conn = connectors({"chunk_size": 2 * BS})
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_blocks_the_prefix_cache_already_has_are_never_written(connectors, device):
+    conn = connectors({"chunk_size": 2 * BS}, device=device)
     prompt = list(range(50, 68))
     finish(conn, "a", prompt, [3, 5, 7, 9, 11])
     before = conn.kv_cache[20].clone()
@@ -140,12 +151,25 @@ def test_remote_tier_round_trips_bytes_through_the_lmcache_server(server):
     tier.close()
 
 
-def test_two_instances_share_a_prefix_through_the_lmcache_server(connectors, server):
-    prompt = [random.Random(7).randrange(1000) for _ in range(18)]
-    a = connectors({"remote_url": server.url})
+def test_a_put_is_on_the_server_for_every_other_client_when_it_returns(server):
+    # LMCache's PUT has no reply: without the round trip that ends put(), the writer's server thread
+    # could still be reading these while another connection asks for them.
+    writer = RemoteTier(server.host, server.port, BLOCK_BYTES)
+    reader = RemoteTier(server.host, server.port, BLOCK_BYTES)
+    keys = [hashlib.sha256(b"visible" + bytes([i])).digest() for i in range(64)]
+    assert writer.put(keys, torch.zeros(len(keys), BLOCK_BYTES, dtype=torch.uint8)) == 64
+    assert reader.count_prefix(keys) == 64
+    writer.close()
+    reader.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_two_instances_share_a_prefix_through_the_lmcache_server(connectors, server, device):
+    prompt = [random.Random(7 if device == "cpu" else 8).randrange(1000) for _ in range(18)]
+    a = connectors({"remote_url": server.url}, device=device)
     finish(a, "a", prompt, [3, 5, 7, 9, 11])
     assert a.stats()["remote_saved_blocks"] == 4
-    b = connectors({"remote_url": server.url})  # another engine: nothing local
+    b = connectors({"remote_url": server.url}, device=device)  # another engine: nothing local
     assert admit(b, FakeRequest("b", prompt), [20, 21, 22, 23, 24]) == 16
     assert torch.equal(b.kv_cache[20:24], a.kv_cache[[3, 5, 7, 9]])
     s = b.stats()
@@ -230,28 +254,3 @@ def test_an_lmcache_hit_from_another_instance_gives_the_same_tokens_as_recompute
     assert out.num_cached_tokens == 64
     assert out.outputs[0].token_ids == ref.outputs[0].token_ids
     assert stats["remote_hit_tokens"] == 64 and stats["loaded_blocks"] == 4
-
-
-# ---- GPU: LMCache's compiled CUDA ops and the connector over a CUDA cache -------------------------
-
-
-@pytest.mark.gpu
-def test_lmcache_cuda_ops_import_and_a_cuda_cache_round_trips():
-    """On CPU torch ``import lmcache.cuda_ops`` fails (``libc10_cuda.so: cannot open shared object
-    file``): the wheel's kernels link CUDA torch. Our connector uses none of them (plain torch copies),
-    but a CUDA cache goes through LMCache's pinned CPU allocator, which only a GPU machine exercises."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    import lmcache.cuda_ops  # noqa: F401
-
-    conn = create_connector(KVTransferConfig(kv_connector="lmcache",
-                                             kv_connector_extra_config={"max_local_cpu_size": 0.05}))
-    shape = (32, LAYOUT["num_layers"], 2, BS, LAYOUT["num_kv_heads"], LAYOUT["head_dim"])
-    conn.register_kv_cache(torch.randn(shape, device="cuda", dtype=torch.bfloat16), {**LAYOUT, "dtype": "bfloat16"})
-    try:
-        prompt = list(range(18))
-        finish(conn, "a", prompt, [3, 5, 7, 9, 11])
-        assert admit(conn, FakeRequest("b", prompt), [20, 21, 22, 23, 24]) == 16
-        assert torch.equal(conn.kv_cache[20:24], conn.kv_cache[[3, 5, 7, 9]])
-    finally:
-        conn.shutdown()
