@@ -29,7 +29,8 @@ cancelling the posted receives, before the failures are reported, so whoever see
 nothing of that peer left.
 
 Extra config: ``expiry_s`` (120), ``recv_timeout_s`` (10), ``peer_idle_s`` (30),
-``advertise_host``.
+``advertise_host``, ``ucx_config`` (UCX settings without the ``UCX_`` prefix; default
+``RNDV_SCHEME: put_zcopy``; ``UCX_*`` environment variables win).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import queue
 import socket
 import struct
@@ -56,6 +58,18 @@ logger = logging.getLogger(__name__)
 _LEN = struct.Struct("<I")
 _IDLE_WAIT_S = 0.02
 _BUSY_WAIT_S = 0.0002
+
+
+# On the lent 2 x H200 machine (NVLink) UCX's default GET-based rendezvous over cuda_ipc never
+# completed a GPU-to-GPU message, while the PUT-based one moved 47-141 GB/s (docs/BENCHMARKS.md).
+_DEFAULT_UCX_CONFIG = {"RNDV_SCHEME": "put_zcopy"}
+
+
+def ucx_context_config(extra: dict) -> dict[str, str]:
+    """UCX settings for our context: our defaults, then ``ucx_config`` from the connector's extra
+    config (names without the ``UCX_`` prefix); a ``UCX_*`` environment variable beats both."""
+    merged = {**_DEFAULT_UCX_CONFIG, **{str(k).upper(): str(v) for k, v in extra.items()}}
+    return {k: v for k, v in merged.items() if f"UCX_{k}" not in os.environ}
 
 
 def ucx_api():
@@ -105,6 +119,7 @@ class UcxConnector(HandoffConnector):
         self._ucx, self._Array = ucx_api()
         self.recv_timeout_s = float(config.extra("recv_timeout_s", 10.0))
         self.peer_idle_s = float(config.extra("peer_idle_s", 30.0))
+        self.ucx_config = ucx_context_config(config.extra("ucx_config", None) or {})
         self._io: _Io | None = None
 
     def _start_transport(self) -> None:
@@ -195,7 +210,8 @@ class _Io(threading.Thread):
         self.num_peers = self.num_served = self.num_xfers = 0  # num_xfers: loads with receives posted
         cache = conn.kv_cache
         self.on_gpu = cache.device.type == "cuda"
-        self.ctx = ucx.UCXContext(feature_flags=(ucx.Feature.TAG, ucx.Feature.AM, ucx.Feature.WAKEUP))
+        self.ctx = ucx.UCXContext(config_dict=conn.ucx_config,
+                                  feature_flags=(ucx.Feature.TAG, ucx.Feature.AM, ucx.Feature.WAKEUP))
         self.cuda_direct = self.on_gpu and bool(self.ctx.cuda_support)
         self.worker = ucx.UCXWorker(self.ctx)
         if self.on_gpu:

@@ -483,3 +483,14 @@ def test_nixl_backend_params_merge_over_the_cuda_ipc_default(name):
         assert conn.backend_params == {"UCX": {"engine_config": "CUDA_IPC_ENABLE_GET_ZCOPY=y", "num_workers": "2"}}
     finally:
         conn.shutdown()
+
+
+def test_ucx_context_config_defaults_to_put_rendezvous_and_the_environment_wins(monkeypatch):
+    from kv_connector.ucx_connector import ucx_context_config
+
+    monkeypatch.delenv("UCX_RNDV_SCHEME", raising=False)
+    monkeypatch.delenv("UCX_TLS", raising=False)
+    assert ucx_context_config({}) == {"RNDV_SCHEME": "put_zcopy"}
+    assert ucx_context_config({"tls": "tcp", "rndv_scheme": "auto"}) == {"RNDV_SCHEME": "auto", "TLS": "tcp"}
+    monkeypatch.setenv("UCX_RNDV_SCHEME", "get_zcopy")
+    assert ucx_context_config({"tls": "tcp"}) == {"TLS": "tcp"}
