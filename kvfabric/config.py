@@ -2,8 +2,10 @@
 
 Sections: ``model``/``dtype``/``device`` at the top; ``engine`` (EngineConfig fields shared by
 every engine); ``proxy``; ``prefill`` and ``decode`` (instances, ports); ``kv_transfer_config``
-(vLLM-style: ``kv_connector`` and ``kv_connector_extra_config``); ``tiers`` (storage tiers).
-Unknown keys are an error naming them, so a typo never silently falls back to a default.
+(vLLM-style: ``kv_connector`` and ``kv_connector_extra_config``); ``tiers`` (storage tiers);
+``lmcache_server`` (optional: LMCache's standalone server, which ``kvfabric up`` then starts and
+points every ``lmcache`` connector at). Unknown keys are an error naming them, so a typo never
+silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -47,6 +49,28 @@ class RoleSection:
 
 
 @dataclass
+class LMCacheServerSection:
+    host: str = "127.0.0.1"  # where it listens, and where the engines reach it
+    port: int = 0  # 0: a free port chosen at start-up; fix it to share the server with other hosts
+    start: bool = True  # false: it runs elsewhere (another host, a compose service); only point at it
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"lmcache_server.port {self.port} is not a TCP port")
+        if not self.start and not self.port:
+            raise ValueError("lmcache_server: a server that is not started here needs its port (start: false, port: 0)")
+
+    @property
+    def reach_host(self) -> str:
+        # A server bound to every interface is reached on loopback by the engines `up` starts beside it.
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def url(self) -> str:
+        return f"lm://{self.reach_host}:{self.port}"
+
+
+@dataclass
 class KVFabricConfig:
     model: str | None = None
     dtype: str = "auto"
@@ -57,6 +81,8 @@ class KVFabricConfig:
     decode: RoleSection = field(default_factory=RoleSection)
     kv_transfer_config: dict[str, Any] = field(default_factory=lambda: {"kv_connector": "zmq"})
     tiers: dict[str, Any] = field(default_factory=dict)
+    # Absent (None) unless configured: without it nothing starts and no connector is touched.
+    lmcache_server: LMCacheServerSection | None = field(default=None, metadata={"section": LMCacheServerSection})
 
     @classmethod
     def load(cls, path: str | Path | None) -> "KVFabricConfig":
@@ -86,9 +112,10 @@ def _build(kind: type, data: dict[str, Any], where: str):
     values = {}
     for name, value in data.items():
         default = known[name].default_factory() if callable(known[name].default_factory) else None
-        if hasattr(default, "__dataclass_fields__"):
+        section = type(default) if hasattr(default, "__dataclass_fields__") else known[name].metadata.get("section")
+        if section is not None and value is not None:
             if not isinstance(value, dict):
                 raise ValueError(f"{where}.{name}: expected a mapping")
-            value = _build(type(default), value, f"{where}.{name}")
+            value = _build(section, value, f"{where}.{name}")
         values[name] = value
     return kind(**values)

@@ -4,6 +4,12 @@ Each piece is the same ``kvfabric serve ROLE`` command docker-compose runs. Inte
 picked free at start-up so two ``up``s can run side by side. A piece that dies is restarted
 (with backoff); SIGINT or SIGTERM stops every child, and children are tied to this process's
 life (PR_SET_PDEATHSIG) so even a hard kill of ``up`` leaves no orphan.
+
+With an ``lmcache_server`` section, LMCache's standalone server is one more child
+(``python -m storage_tiers.lmcache_server``, as docker-compose's ``lmcache-server`` service runs
+it): started first and waited for, since an ``lmcache`` connector that requires its server fails
+at start without it; restarted like the rest when it dies (the engines serve misses meanwhile and
+reconnect), and stopped last. Every ``lmcache`` connector without a ``remote_url`` is pointed at it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import yaml
 from decode_svc.dcp_ranks import die_with_parent
 from kvfabric.config import KVFabricConfig
 from kvfabric.overrides import add_config_flags, apply_config_flags
+from storage_tiers.lmcache_server import port_open, server_argv, wait_for_port
 
 logger = logging.getLogger("kvfabric.up")
 
@@ -83,6 +90,47 @@ def build_children(cfg: KVFabricConfig, config_path: Path, colocated: bool) -> t
     return children, addrs
 
 
+def lmcache_server_child(cfg: KVFabricConfig) -> Child | None:
+    """Resolve the ``lmcache_server`` section: pick its port if 0, point the ``lmcache`` connectors
+    at it, and return the child that runs it (None without the section, or with ``start: false``)."""
+    server = cfg.lmcache_server
+    if server is None:
+        return None
+    if server.start and not server.port:
+        server.port = free_port(server.host)
+    cfg.kv_transfer_config, pointed = point_lmcache_connectors(cfg.kv_transfer_config, server.url)
+    if not pointed:
+        logger.warning("lmcache_server %s is configured but no lmcache connector uses it (kv_connector: %s)",
+                       server.url, cfg.kv_transfer_config.get("kv_connector"))
+    if not server.start:
+        return None
+    if port_open(server.reach_host, server.port):
+        raise ValueError(f"lmcache_server: {server.reach_host}:{server.port} is already in use (an LMCache server "
+                         f"running there already? `start: false` uses it instead of starting one)")
+    return Child("lmcache-server", server_argv(server.host, server.port))
+
+
+def point_lmcache_connectors(spec: dict, url: str) -> tuple[dict, int]:
+    """``spec`` with ``remote_url: url`` on every ``lmcache`` connector (a ``multi``'s too) that names
+    no server, and how many connectors now use ``url``."""
+    extra = spec.get("kv_connector_extra_config") or {}
+    if spec.get("kv_connector") == "multi":
+        pointed = [point_lmcache_connectors(child, url) for child in extra.get("connectors", [])]
+        return ({**spec, "kv_connector_extra_config": {**extra, "connectors": [c for c, _ in pointed]}},
+                sum(n for _, n in pointed))
+    if spec.get("kv_connector") != "lmcache":
+        return spec, 0
+    given = extra.get("remote_url")
+    if given is None and extra.get("lmcache_config_file"):
+        # LMCache's own config file may name the server; an inline key would override it.
+        given = (yaml.safe_load(Path(extra["lmcache_config_file"]).read_text()) or {}).get("remote_url")
+    if given is None:
+        return {**spec, "kv_connector_extra_config": {**extra, "remote_url": url}}, 1
+    if given != url:
+        logger.warning("an lmcache connector keeps its own remote_url %s, not the lmcache_server at %s", given, url)
+    return spec, int(given == url)
+
+
 def _wait_ready(url: str, children: list[Child], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -105,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = apply_config_flags(KVFabricConfig.load(args.config), args)
     if args.port is not None:
         cfg.proxy.port = args.port
+    server = lmcache_server_child(cfg)
     workdir = Path(tempfile.mkdtemp(prefix="kvfabric-up-"))
     config_path = workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.to_dict()))
@@ -118,34 +167,55 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    for c in children:
-        c.start()
-    url = f"http://127.0.0.1:{cfg.proxy.port}"
-    if _wait_ready(url + "/health", children, args.ready_timeout):
-        logger.info("kvfabric up: %s/v1  (prefill %s, decode %s)", url, addrs["prefill"] or "-", addrs["decode"])
-        print(f"kvfabric is serving at {url}/v1 — Ctrl-C to stop", flush=True)
-    elif not stopping:
-        logger.error("the topology did not become ready within %.0f s", args.ready_timeout)
-        stopping = True
+    code = 0
     try:
+        if server is not None:
+            server.start()
+            try:
+                wait_for_port(cfg.lmcache_server.reach_host, cfg.lmcache_server.port, args.ready_timeout, server.proc)
+            except (RuntimeError, TimeoutError) as e:
+                logger.error("the LMCache server did not start: %s", e)
+                return 1
+            logger.info("LMCache server listening at %s", cfg.lmcache_server.url)
+            children.insert(0, server)
+            if stopping:
+                return 0
+        for c in children:
+            if c.proc is None:
+                c.start()
+        url = f"http://127.0.0.1:{cfg.proxy.port}"
+        if _wait_ready(url + "/health", children, args.ready_timeout):
+            logger.info("kvfabric up: %s/v1  (prefill %s, decode %s%s)", url, addrs["prefill"] or "-", addrs["decode"],
+                        f", LMCache server {cfg.lmcache_server.url}" if cfg.lmcache_server else "")
+            print(f"kvfabric is serving at {url}/v1 — Ctrl-C to stop", flush=True)
+        elif not stopping:
+            dead = [f"{c.name} (exit status {c.proc.returncode})" for c in children if c.proc.poll() is not None]
+            if dead:
+                logger.error("%s exited during start-up; its log above says why", ", ".join(dead))
+            else:
+                logger.error("the topology did not become ready within %.0f s", args.ready_timeout)
+            stopping, code = True, 1
         while not stopping:
             time.sleep(0.2)
             for c in children:
-                code = c.proc.poll()
-                if code is None or stopping:
+                status = c.proc.poll()
+                if status is None or stopping:
                     continue
                 if c.next_start == 0.0:
                     backoff = min(30.0, 2.0 ** min(c.restarts, 5)) if time.monotonic() - c.started_at < 60 else 1.0
-                    logger.warning("%s exited with %s; restarting in %.0f s", c.name, code, backoff)
+                    logger.warning("%s exited with %s; restarting in %.0f s", c.name, status, backoff)
                     c.next_start = time.monotonic() + backoff
                 elif time.monotonic() >= c.next_start:
                     c.restarts += 1
                     c.next_start = 0.0
                     c.start()
     finally:
-        shutdown(children)
+        # The LMCache server goes last: engines that are still finishing keep their remote tier.
+        shutdown([c for c in children if c is not server])
+        shutdown([server] if server is not None else [])
+        logger.info("all processes stopped")
         shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    return code
 
 
 def shutdown(children: list[Child], grace: float = 10.0) -> None:
@@ -162,4 +232,3 @@ def shutdown(children: list[Child], grace: float = 10.0) -> None:
             logger.warning("%s did not stop in %.0f s; killing it", c.name, grace)
             c.proc.kill()
             c.proc.wait()
-    logger.info("all processes stopped")

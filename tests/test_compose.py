@@ -1,7 +1,10 @@
-"""docker-compose.yml agrees with the real CLI and the mounted config (no Docker engine here)."""
+"""docker-compose.yml agrees with the real CLI and the mounted config (no Docker engine here): the
+default config (zmq), and the LMCache one that the ``lmcache`` profile's ``lmcache-server`` serves."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,8 +15,10 @@ import yaml
 from kvfabric.cli import build_parser
 from kvfabric.config import KVFabricConfig
 from kvfabric.overrides import apply_config_flags
+from storage_tiers import lmcache_server
 
 REPO = Path(__file__).resolve().parents[1]
+LMCACHE_ENV = {"KVFABRIC_CONFIG": "./docker/kvfabric-lmcache.yaml"}  # what the file's header says to set
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +26,27 @@ def compose():
     return yaml.safe_load((REPO / "docker-compose.yml").read_text())
 
 
-def _config_for(compose) -> KVFabricConfig:
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR:-default}``."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m[1]) or m[2], value)
+
+
+def _config_path(compose, env: dict[str, str]) -> Path:
     [mount] = {v for s in compose["services"].values() if "command" in s for v in s.get("volumes", [])
                if v.endswith(":/etc/kvfabric/config.yaml:ro")}
-    return KVFabricConfig.load(REPO / mount.split(":")[0])
+    return REPO / _interpolate(mount.split(":/etc/")[0], env)
+
+
+def _config_for(compose, env: dict[str, str] | None = None) -> KVFabricConfig:
+    return KVFabricConfig.load(_config_path(compose, env or {}))
+
+
+def _parse(service):
+    """A service's command, parsed by what its container runs: ``kvfabric`` or the LMCache server."""
+    if service.get("entrypoint") == ["python", "-m", "storage_tiers.lmcache_server"]:
+        return lmcache_server.build_parser().parse_args(service["command"])
+    assert "entrypoint" not in service, "every other service runs the image's entrypoint, kvfabric"
+    return build_parser().parse_args(service["command"])
 
 
 def test_every_service_command_parses_with_the_real_cli(compose):
@@ -32,9 +54,11 @@ def test_every_service_command_parses_with_the_real_cli(compose):
     for name, service in compose["services"].items():
         if "command" not in service:
             continue
-        args = parser.parse_args(service["command"])
-        assert args.command == "serve" and args.role == name
-        apply_config_flags(KVFabricConfig.load(REPO / "docker" / "kvfabric.yaml"), args)  # no unknown keys
+        args = _parse(service)
+        if name != "lmcache-server":
+            assert args.command == "serve" and args.role == name
+            for env in ({}, LMCACHE_ENV):  # no unknown keys in either config
+                apply_config_flags(_config_for(compose, env), args)
         health = service["healthcheck"]["test"]
         if health[1] == "kvfabric":
             assert parser.parse_args(health[2:]).command == "health"
@@ -58,10 +82,38 @@ def test_ports_and_config_agree(compose):
     assert cfg.kv_transfer_config["kv_ip"] == "0.0.0.0" and extra.get("advertise_host") == "prefill"
 
 
+def test_the_default_config_needs_no_lmcache_server(compose):
+    assert _config_for(compose).kv_transfer_config["kv_connector"] != "lmcache"
+    assert compose["services"]["lmcache-server"]["profiles"] == ["lmcache"]
+    for role in ("prefill", "decode"):
+        # Not required: without the profile the engines start alone; with it they wait for it.
+        assert compose["services"][role]["depends_on"]["lmcache-server"] == {"condition": "service_healthy",
+                                                                          "required": False}
+
+
+def test_the_lmcache_config_points_prefill_and_decode_at_the_lmcache_server_service(compose):
+    services = compose["services"]
+    server = _parse(services["lmcache-server"])
+    assert server.host == "0.0.0.0"  # reachable from the other containers
+    assert services["lmcache-server"]["healthcheck"]["test"][2:] == ["health", f"127.0.0.1:{server.port}",
+                                                                   "--service", "lmcache"]
+    assert "deploy" not in services["lmcache-server"]  # CPU only: no GPU reserved for it
+    cfg = _config_for(compose, LMCACHE_ENV)
+    assert cfg.kv_transfer_config["kv_connector"] == "lmcache"
+    assert cfg.kv_transfer_config["kv_connector_extra_config"]["remote_url"] == f"lm://lmcache-server:{server.port}"
+    assert cfg.kv_transfer_config["kv_connector_extra_config"]["remote_required"] is True
+    for role in ("prefill", "decode"):
+        assert _parse(services[role]).port == getattr(cfg, role).ports[0]
+    header = (REPO / "docker-compose.yml").read_text().split("x-kvfabric")[0]
+    assert "KVFABRIC_CONFIG=./docker/kvfabric-lmcache.yaml docker compose --profile lmcache up" in header
+
+
 @pytest.mark.skipif(shutil.which("docker") is None, reason="no docker client")
-def test_docker_compose_config_validates():
+@pytest.mark.parametrize("profile, env", [(None, {}), ("lmcache", LMCACHE_ENV)])
+def test_docker_compose_config_validates(profile, env):
     probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip("the docker compose plugin is not installed")
-    r = subprocess.run(["docker", "compose", "config", "-q"], cwd=REPO, capture_output=True, text=True)
+    argv = ["docker", "compose"] + (["--profile", profile] if profile else []) + ["config", "-q"]
+    r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env={**os.environ, **env})
     assert r.returncode == 0, r.stderr
