@@ -387,11 +387,16 @@ class _Client(threading.Thread):
                 del p.xfers[x.id]
             silent = now - p.last_heard
             if p.xfers and silent > self.conn.recv_timeout_s:
-                for x in list(p.xfers.values()):
+                doomed = list(p.xfers.values())
+                # Closed before the failures are reported: whoever sees one finds no socket to the
+                # peer left; a fresh socket later means no stale frames, no retries. Reported as
+                # released: a release would reopen a socket to a peer presumed dead, and a merely
+                # slow producer frees its held blocks at expiry.
+                self._close_peer(key, linger=0)
+                for x in doomed:
                     self._forget(x)
                     self.conn.load_failed(x.load.request_id, (
                         f"producer {p.name} sent nothing for {silent:.1f}s (unreachable, or died "
-                        f"mid-transfer): got {x.got} of {x.load.count} blocks"))
-                self._close_peer(key, linger=0)  # a fresh socket later: no stale frames, no retries
+                        f"mid-transfer): got {x.got} of {x.load.count} blocks"), released=True)
             elif not p.xfers and silent > self.conn.peer_idle_s:
                 self._close_peer(key, linger=500)

@@ -11,6 +11,7 @@ import pytest
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from kv_connector import KVTransferConfig, create_connector
+from tests.test_kv_connector import NAMES
 from tests.tiny_models import make_tiny_model_dir
 
 
@@ -52,7 +53,7 @@ def disaggregated(prefill, decode, rid, prompt, params):
     return run(decode, until=lambda f: rid in f)[rid]
 
 
-@pytest.mark.parametrize("connector", ["zmq", "inproc"])
+@pytest.mark.parametrize("connector", NAMES)  # swapping transports is a config change only
 def test_disaggregated_equals_colocated_greedy_and_seeded(model_dir, connector):
     colocated = make_engine(model_dir)
     prefill = make_engine(model_dir, connector, "kv_producer", max_num_batched_tokens=32)

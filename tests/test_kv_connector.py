@@ -41,9 +41,6 @@ from tests.connector_fakes import FakeRequest  # noqa: E402
 TINY = dict(block_size=4, num_layers=2, num_kv_heads=2, head_dim=8, model_id="tiny")
 
 
-
-
-
 def make_connector(name: str, role: str, num_blocks: int = 64, dtype: torch.dtype = torch.float32,
                    layout: dict | None = None, **extra) -> KVConnectorBase:
     layout = {**TINY, **(layout or {}), "dtype": str(dtype).removeprefix("torch.")}
