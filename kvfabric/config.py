@@ -29,6 +29,7 @@ class EngineSection:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    fused_kernels: bool = True
 
 
 @dataclass
