@@ -450,18 +450,20 @@ def _cache(where: str, shape: tuple, fill) -> torch.Tensor:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("producer_at,consumer_at", _PLACEMENTS)
 @pytest.mark.parametrize("name", NAMES)
-def test_device_caches_round_trip(name, producer_at, consumer_at):
+@pytest.mark.parametrize("block_tokens,heads,head_dim", [(4, 2, 8), (16, 8, 64)], ids=["512B", "64KiB"])
+def test_device_caches_round_trip(name, producer_at, consumer_at, block_tokens, heads, head_dim):
     """GPU caches (and a producer in pinned host memory, and two GPUs): scattered runs arrive intact,
-    whichever path the transport takes (CUDA IPC, cuda_copy, or staging through host memory)."""
-    shape = (64, 2, 2, 4, 2, 8)
-    layout = {**TINY, "dtype": "bfloat16"}
+    whichever path the transport takes (CUDA IPC, cuda_copy, or staging through host memory).
+    64 KiB blocks make every run a UCX rendezvous (>= 8 KiB), the path that hung by default."""
+    shape = (64, 2, 2, block_tokens, heads, head_dim)
+    layout = {**TINY, "dtype": "bfloat16", "block_size": block_tokens, "num_kv_heads": heads, "head_dim": head_dim}
     producer = create_connector(KVTransferConfig(kv_connector=name, kv_role="kv_producer"))
     consumer = create_connector(KVTransferConfig(kv_connector=name, kv_role="kv_consumer"))
     try:
         producer.register_kv_cache(_cache(producer_at, shape, torch.randn), layout)
         consumer.register_kv_cache(_cache(consumer_at, shape, torch.zeros), layout)
         remote, local = [9, 3, 4, 5, 30, 31], [40, 41, 42, 7, 8, 1]
-        consume(consumer, "d", produce(producer, "p", remote, num_tokens=22), local)
+        consume(consumer, "d", produce(producer, "p", remote, num_tokens=len(remote) * block_tokens - 2), local)
         _, recved, failed = poll(consumer, lambda s, r, f: r or f)
         assert recved == {"d"}, failed
         assert torch.equal(blocks(consumer, local).cpu(), blocks(producer, remote).cpu())
