@@ -87,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
         serve(ProxyConfig.from_kvfabric(cfg, args, model_dir=str(resolve_model_path(cfg.model))))
         return 0
     host = args.host or getattr(cfg, "prefill" if args.role == "prefill" else "decode").host
+    server = cfg.lmcache_server
+    if server is not None and server.port:  # a fixed server (compose, another host): point at it as `up` does
+        from kvfabric.up_cmd import point_lmcache_connectors
+
+        cfg.kv_transfer_config, _ = point_lmcache_connectors(cfg.kv_transfer_config, server.url)
     if args.port is None:
         raise ValueError(f"serve {args.role} needs --port")
     asyncio.run(_serve_engine(cfg, args.role, host, args.port))

@@ -3,8 +3,9 @@
 A block is put under its prefix hash, so a prefix one instance computed is found by any other
 instance pointed at the same server (``storage_tiers.lmcache_server`` starts one). The wire format
 is LMCache's own (``lmcache.v1.protocol``: a fixed 186-byte request header — command, length,
-format, dtype, shape, key string — then the payload; a 36-byte reply header), so the server is the
-unmodified ``python -m lmcache.v1.server``. Keys are LMCache ``CacheEngineKey`` strings
+format, dtype, shape, key string — then the payload; a 36-byte reply header), so LMCache's own
+``python -m lmcache.v1.server`` serves it too (``storage_tiers.lmcache_server`` runs that server,
+patched to answer block reads faster). Keys are LMCache ``CacheEngineKey`` strings
 ``{namespace}@1@0@{hex of the whole block hash}@uint8``; payloads are the block's raw bytes
 (``MemoryFormat.BINARY``, shape ``[block_bytes]``).
 
@@ -76,10 +77,11 @@ class RemoteTier(StorageTier):
         self._was_up = False
         self._counts = dict(hits=0, misses=0, puts=0, bytes_in=0, bytes_out=0, failures=0, reconnects=0)
         if not self._connect():
-            msg = (f"no LMCache server at {host}:{port} (start one with `python -m lmcache.v1.server {host} {port}` "
-                   f"or storage_tiers.lmcache_server.LMCacheServer.start)")
+            msg = (f"no LMCache server at {host}:{port} (start one with "
+                   f"`python -m storage_tiers.lmcache_server {host} {port}`, or an `lmcache_server` section "
+                   f"for `kvfabric up`)")
             if required:
-                raise StorageTierError(msg + "; set required: false to start without the remote tier")
+                raise StorageTierError(msg + "; the lmcache connector's `remote_required: false` starts without it")
             logger.warning("%s; starting with the remote tier down, retrying every %.1f s", msg, retry_interval_s)
 
     @classmethod

@@ -200,3 +200,25 @@ def test_a_required_server_that_is_not_there_at_start_stops_up_with_a_clear_erro
     finally:
         topo.stop()
     assert topo.children() == []
+
+
+def test_serve_points_its_connectors_at_a_fixed_lmcache_server(tmp_path, monkeypatch):
+    """`kvfabric serve` (compose, another host) starts no server but, given the section with a fixed
+    port, fills the lmcache connector's remote_url exactly as `up` would."""
+    import argparse
+
+    from kvfabric import serve_cmd
+
+    cfg_file = tmp_path / "kvfabric.yaml"
+    cfg_file.write_text("kv_transfer_config: {kv_connector: lmcache, kv_role: kv_producer}\n"
+                        "lmcache_server: {host: 10.0.0.7, port: 6543, start: false}\n")
+    seen = {}
+
+    async def fake_serve_engine(cfg, role, host, port):
+        seen["spec"] = cfg.kv_transfer_config
+
+    monkeypatch.setattr(serve_cmd, "_serve_engine", fake_serve_engine)
+    args = argparse.Namespace(config=str(cfg_file), role="prefill", host=None, port=50051)
+    monkeypatch.setattr(serve_cmd, "apply_config_flags", lambda cfg, a: cfg)
+    assert serve_cmd.run(args) == 0
+    assert seen["spec"]["kv_connector_extra_config"]["remote_url"] == "lm://10.0.0.7:6543"
