@@ -36,7 +36,9 @@ class HostStaging:
         self._dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def to_device(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        """Device tensors holding ``arrays`` (same dtypes and shapes), after one host-to-device copy."""
+        """Device tensors holding ``arrays`` (same dtypes and shapes), after one host-to-device copy.
+        They view one reused device buffer: valid for work queued before the next call (stream
+        order), which is how a step uses its inputs."""
         if self.device.type != "cuda":
             return [torch.from_numpy(a) for a in arrays]
         offsets, total = [], 0

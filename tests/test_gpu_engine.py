@@ -52,3 +52,30 @@ def test_default_model_on_gpu_matches_cpu_reference(default_model_dir):
     cpu = [o.outputs[0].token_ids for o in LLM(dtype="float32", device="cpu").generate(prompts, params)]
     gpu = [o.outputs[0].token_ids for o in LLM(dtype="float32", device="cuda", kv_cache_bytes=256 << 20).generate(prompts, params)]
     assert gpu == cpu
+
+
+def test_host_staging_sends_every_array_intact_across_growth_and_reuse():
+    """One pinned copy per step: each array comes back with its dtype, shape and bytes, also after
+    the buffer grows, and a step's host writes never reach a previous step's copy still queued
+    behind GPU work (its result is snapshotted in stream order, before the next copy)."""
+    import numpy as np
+
+    from engine.host_staging import HostStaging
+
+    staging = HostStaging(torch.device("cuda"), initial_bytes=64)
+    rng = np.random.default_rng(0)
+    pending = []
+    for step in range(20):
+        n = int(rng.integers(1, 5000))
+        arrays = [rng.integers(-2**31, 2**31 - 1, size=n + 1, dtype=np.int32),
+                  rng.integers(-2**40, 2**40, size=n, dtype=np.int64),
+                  rng.integers(0, 1000, size=(n % 37 + 1, 7), dtype=np.int32)]
+        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU work ahead of the copy
+        out = staging.to_device(*arrays)
+        snapshot = [t.clone() for t in out]  # queued after this copy, before the next one
+        for a, t in zip(arrays, out):
+            assert t.is_cuda and tuple(t.shape) == a.shape and t.dtype == torch.from_numpy(a).dtype
+        pending.append((arrays, snapshot))
+    for step, (arrays, snapshot) in enumerate(pending):
+        for a, t in zip(arrays, snapshot):
+            assert np.array_equal(t.cpu().numpy(), a), f"step {step}"
