@@ -11,19 +11,13 @@ instead of rounding to nearest, so under it the exact checks become bounds too.)
 
 from __future__ import annotations
 
-import os
-import zlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-FULL = torch.cuda.is_available() and not INTERPRET
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not (FULL or INTERPRET), reason="needs CUDA, or TRITON_INTERPRET=1 for the interpreter"),
-]
+from tests.triton_env import DEVICE, FULL, MARKS, rel_error, seed
+
+pytestmark = MARKS
 triton = pytest.importorskip("triton")
 
 from engine.kernels.rms_norm import rms_norm  # noqa: E402
@@ -32,14 +26,9 @@ from engine.kernels.silu_mul import silu_mul  # noqa: E402
 from engine.models.decoder import RMSNorm  # noqa: E402
 from engine.models.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 
-DEVICE = torch.device("cuda" if FULL else "cpu")
 DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, id="fp32")]
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 TOKENS = [1, 3, 17] + ([300, 4096] if FULL else [])
-
-
-def _seed(*params) -> None:
-    torch.manual_seed(zlib.crc32(repr(params).encode()))
 
 
 def _same(out: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -50,14 +39,14 @@ def _same(out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     assert not out.isnan().any(), "unwritten (or NaN) elements"
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+    return rel_error(out, ref)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [64, 576] + ([4096, 5120] if FULL else []))
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_rms_norm_with_and_without_residual(tokens, hidden, dtype):
-    _seed(tokens, hidden, dtype)
+    seed(tokens, hidden, dtype)
     norm = RMSNorm(hidden, 1e-5, dtype).to(DEVICE)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(hidden) * 0.5 + 1)
@@ -75,7 +64,7 @@ def test_rms_norm_with_and_without_residual(tokens, hidden, dtype):
 
 
 def test_rms_norm_reads_strided_rows():
-    _seed("strided")
+    seed("strided")
     x = torch.randn(8, 256, device=DEVICE)[:, :128]  # row stride 256
     w = torch.randn(128, device=DEVICE)
     ref = RMSNorm(128, 1e-6).to(DEVICE)
@@ -88,7 +77,7 @@ def test_rms_norm_reads_strided_rows():
 @pytest.mark.parametrize("inter", [96, 1000] + ([14336] if FULL else []))
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_silu_mul(tokens, inter, dtype):
-    _seed(tokens, inter, dtype)
+    seed(tokens, inter, dtype)
     gate_up = (torch.randn(tokens, 2 * inter, device=DEVICE) * 3).to(dtype)
     gate, up = gate_up.split(inter, dim=-1)
     assert _rel(silu_mul(gate_up), F.silu(gate) * up) < TOL[dtype]
@@ -113,7 +102,7 @@ def _reference_rope(qkv, heads, kv_heads, head_dim, cos, sin, q_w, k_w, eps):
                          + ([(32, 8, 128), (16, 8, 128)] if FULL else []))
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_rope_kv_write(tokens, heads, kv_heads, head_dim, qk_norm, dtype):
-    _seed(tokens, heads, kv_heads, head_dim, qk_norm, dtype)
+    seed(tokens, heads, kv_heads, head_dim, qk_norm, dtype)
     block_size, num_blocks = 16, tokens // 16 + 6
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE).to(dtype)
     positions = torch.randint(0, 5000, (tokens,), device=DEVICE)

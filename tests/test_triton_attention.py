@@ -12,18 +12,13 @@ view is strided across blocks, poisons the outputs with NaN before the kernel ru
 from __future__ import annotations
 
 import math
-import os
-import zlib
 
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-FULL = torch.cuda.is_available() and not INTERPRET
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not (FULL or INTERPRET), reason="needs CUDA, or TRITON_INTERPRET=1 for the interpreter"),
-]
+from tests.triton_env import DEVICE, FULL, FULL_ONLY, INTERPRET, MARKS, rel_error, seed
+
+pytestmark = MARKS
 triton = pytest.importorskip("triton")
 
 from engine.attention.backend import AttentionMetadata  # noqa: E402
@@ -33,8 +28,6 @@ from engine.attention.triton_decode import paged_decode_attention  # noqa: E402
 from engine.attention.triton_kv_write import write_kv  # noqa: E402
 from engine.attention.triton_prefill import paged_prefill_attention  # noqa: E402
 
-DEVICE = torch.device("cuda" if FULL else "cpu")
-FULL_ONLY = pytest.mark.skipif(not FULL, reason="too large for the interpreter")
 OUT_TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-4}  # fp32 dots run in IEEE mode: tf32 (3e-4) fails this
 LSE_TOL = {torch.bfloat16: 1e-3, torch.float32: 1e-4}  # absolute; scores are float32 in both paths
 HEADS = [(4, 4), (8, 2), (16, 2)] + ([(32, 8)] if FULL else [])  # GQA ratios 1, 4, 8, and Llama-3.1-8B
@@ -68,14 +61,6 @@ def _patch_interpreter() -> None:
 
 if INTERPRET:
     _patch_interpreter()
-
-
-def _seed(*params) -> None:
-    torch.manual_seed(zlib.crc32(repr(params).encode()))
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def make_batch(query_lens, seq_lens, num_kv_heads, head_dim, dtype, block_size=16, extra_cols=2):
@@ -122,7 +107,7 @@ def poisoned(query):
 def assert_matches(out, lse, ref_out, ref_lse, dtype):
     assert not out.isnan().any(), "unwritten (or NaN) output elements"
     assert not lse.isnan().any(), "unwritten (or NaN) lse elements"
-    assert _rel(out, ref_out) < OUT_TOL[dtype]
+    assert rel_error(out, ref_out) < OUT_TOL[dtype]
     empty = torch.isneginf(ref_lse)
     assert torch.equal(torch.isneginf(lse), empty)
     if (~empty).any():
@@ -138,7 +123,7 @@ def _ragged(n, hi):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 64), (32, 8, 128)])
 def test_write_kv_stores_each_token_byte_exact_and_skips_negative_slots(dtype, num_heads, num_kv_heads, head_dim):
-    _seed("write", dtype, num_kv_heads, head_dim)
+    seed("write", dtype, num_kv_heads, head_dim)
     bs, num_blocks, num_tokens = 16, 9, 37
     kv = torch.randn(num_blocks, 2, 2, bs, num_kv_heads, head_dim, device=DEVICE).to(dtype)
     layer_cache = kv[:, 1]
@@ -167,7 +152,7 @@ def test_write_kv_stores_each_token_byte_exact_and_skips_negative_slots(dtype, n
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
 def test_decode_matches_reference_on_boundary_ragged_and_empty_lengths(dtype, head_dim, num_heads, num_kv_heads):
-    _seed("decode", dtype, head_dim, num_heads, num_kv_heads)
+    seed("decode", dtype, head_dim, num_heads, num_kv_heads)
     lens = BOUNDARY_LENS + _ragged(5, 1000 if FULL else 120) + [0]  # 0: a CUDA-graph padding row
     kv, layer_cache, meta = make_batch([1] * len(lens), lens, num_kv_heads, head_dim, dtype)
     query = torch.randn(len(lens), num_heads, head_dim, device=DEVICE).to(dtype)
@@ -181,7 +166,7 @@ def test_decode_matches_reference_on_boundary_ragged_and_empty_lengths(dtype, he
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 64])
 def test_decode_result_does_not_depend_on_the_number_of_splits(num_splits):
-    _seed("splits", num_splits)
+    seed("splits", num_splits)
     dtype, num_heads, num_kv_heads, head_dim = torch.bfloat16, 8, 2, 64
     lens = [1, 17, 64, 65, 200, 333]
     kv, layer_cache, meta = make_batch([1] * len(lens), lens, num_kv_heads, head_dim, dtype)
@@ -195,7 +180,7 @@ def test_decode_result_does_not_depend_on_the_number_of_splits(num_splits):
 
 @pytest.mark.parametrize("block_size", [8, 32])
 def test_decode_and_prefill_work_with_other_block_sizes(block_size):
-    _seed("block_size", block_size)
+    seed("block_size", block_size)
     dtype, num_heads, num_kv_heads, head_dim = torch.float32, 8, 2, 64
     q_lens, s_lens = [1, 1, 20, 7], [9, 70, 20, 40]
     kv, layer_cache, meta = make_batch(q_lens, s_lens, num_kv_heads, head_dim, dtype, block_size=block_size)
@@ -210,7 +195,7 @@ def test_decode_and_prefill_work_with_other_block_sizes(block_size):
     (torch.bfloat16, 32, 8, 128), (torch.float32, 8, 2, 64), (torch.bfloat16, 16, 2, 64),
 ])
 def test_decode_long_contexts_up_to_32k(dtype, num_heads, num_kv_heads, head_dim):
-    _seed("long", dtype, num_heads)
+    seed("long", dtype, num_heads)
     lens = [32768, 20001, 4097, 1]
     kv, layer_cache, meta = make_batch([1] * len(lens), lens, num_kv_heads, head_dim, dtype)
     query = torch.randn(len(lens), num_heads, head_dim, device=DEVICE).to(dtype)
@@ -222,7 +207,7 @@ def test_decode_long_contexts_up_to_32k(dtype, num_heads, num_kv_heads, head_dim
 
 @FULL_ONLY
 def test_decode_large_batch_is_deterministic():
-    _seed("batch256")
+    seed("batch256")
     dtype, num_heads, num_kv_heads, head_dim = torch.bfloat16, 32, 8, 128
     lens = _ragged(256, 2048)
     kv, layer_cache, meta = make_batch([1] * len(lens), lens, num_kv_heads, head_dim, dtype)
@@ -259,7 +244,7 @@ def test_prefill_matches_reference_and_writes_only_its_rows(dtype, head_dim, num
 
     for tile in (triton_prefill.TILE, triton_prefill.TILE_LARGE):
         monkeypatch.setitem(tile, "PACK_GQA", pack_gqa)
-    _seed("prefill", dtype, head_dim, num_heads, num_kv_heads, pack_gqa)
+    seed("prefill", dtype, head_dim, num_heads, num_kv_heads, pack_gqa)
     decodes = [(1, 5), (1, 33)]
     reqs = decodes + _prefill_requests()
     q_lens, s_lens = [q for q, _ in reqs], [s for _, s in reqs]
@@ -280,7 +265,7 @@ def test_prefill_matches_reference_and_writes_only_its_rows(dtype, head_dim, num
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["mixed", "decode_only", "prefill_only"])
 def test_backend_write_then_forward_matches_torch_backend(dtype, kind):
-    _seed("backend", dtype, kind)
+    seed("backend", dtype, kind)
     num_heads, num_kv_heads, head_dim = 16, 4, 64
     decodes = [(1, s) for s in (1, 16, 17, 90)]
     prefills = [(20, 20), (17, 49), (33, 33), (1, 3)]
@@ -311,7 +296,7 @@ def test_fresh_prompts_without_lse_take_sdpa_and_match_the_reference(dtype):
     """A prefill step of whole prompts whose caller needs no lse reads the step's own K/V through
     SDPA; the result is the same attention as over the cache. With any cached context, or with
     lse asked for, the paged kernel still runs (lse comes back)."""
-    _seed("fresh", dtype)
+    seed("fresh", dtype)
     num_heads, num_kv_heads, head_dim = 16, 4, 64
     lens = [20, 1, 49, 33] + ([700, 2100] if FULL else [])
     kv, layer_cache, meta = make_batch(lens, lens, num_kv_heads, head_dim, dtype)
@@ -324,7 +309,7 @@ def test_fresh_prompts_without_lse_take_sdpa_and_match_the_reference(dtype):
 
     out, lse = backend.forward(query, layer_cache, meta, 0.125, key=key, value=value, return_lse=False)
     assert lse is None and out.dtype == dtype
-    assert not out.isnan().any() and _rel(out, ref_out) < OUT_TOL[dtype]
+    assert not out.isnan().any() and rel_error(out, ref_out) < OUT_TOL[dtype]
 
     out, lse = backend.forward(query, layer_cache, meta, 0.125, key=key, value=value)
     assert_matches(out, lse, ref_out, ref_lse, dtype)
@@ -334,7 +319,7 @@ def test_fresh_prompts_without_lse_take_sdpa_and_match_the_reference(dtype):
 def test_decode_step_replays_in_a_cuda_graph_with_new_lengths_and_tables():
     """Captured once, replayed on other lengths and block tables: nothing in the decode path may
     depend on host-side values of one step (grid, splits) or sync with the host."""
-    _seed("graph")
+    seed("graph")
     dtype, num_heads, num_kv_heads, head_dim, bs = torch.bfloat16, 32, 8, 128, 16
     batch, width = 8, 64  # a captured batch size and block-table width (max_model_len 1024)
     kv = torch.randn(batch * width + 1, 2, 2, bs, num_kv_heads, head_dim, device=DEVICE).to(dtype)
