@@ -44,7 +44,7 @@ def decode_latency(engine, batch: int, context: int, steps: int, rng: random.Ran
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"d{batch}-{i}", _random_prompt(rng, context, vocab), params)
+        engine.add_request(f"d{batch}-{i}", _random_prompt(rng, context, vocab), params, stream=False)
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests.values()):
         engine.step()
     times = []
@@ -87,7 +87,8 @@ def throughput(engine, workload: list[tuple[list[int], int]]) -> dict:
     from engine import SamplingParams
 
     for i, (prompt, n_out) in enumerate(workload):
-        engine.add_request(f"t{i}", prompt, SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True))
+        engine.add_request(f"t{i}", prompt, SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True),
+                           stream=False)
     _sync(engine.device)
     t0 = time.perf_counter()
     while engine.has_work():

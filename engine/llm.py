@@ -37,7 +37,7 @@ class LLM:
             for prompt, params in zip(prompts, sampling_params):
                 if isinstance(prompt, dict):
                     prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
-                ids.append(engine.add_request(None, prompt, params).request_id)
+                ids.append(engine.add_request(None, prompt, params, stream=False).request_id)
         except Exception:
             engine.abort_request(ids)
             self._drain()

@@ -105,6 +105,7 @@ class LLMEngine:
             kv_connector.register_kv_cache(self.runner.kv_cache, self.kv_layout)
         self._detokenizers: dict[str, IncrementalDetokenizer | None] = {}
         self._prompts: dict[str, str | None] = {}
+        self._final_only: set[str] = set()  # requests added with stream=False
         self._ids = itertools.count()
         self.last_step_num_tokens = 0
         logger.info("engine ready: model=%s dtype=%s device=%s kv_blocks=%d (%d tokens) max_model_len=%d dcp=%d",
@@ -131,9 +132,12 @@ class LLMEngine:
     def add_request(
         self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
         kv_transfer_params: dict[str, Any] | None = None, output_token_ids: list[int] | None = None,
+        stream: bool = True,
     ) -> Request:
         """Queue a request. ``output_token_ids``: tokens already generated elsewhere (the first token
-        of a remote prefill), counted against max_tokens and continued from exactly."""
+        of a remote prefill), counted against max_tokens and continued from exactly. ``stream``
+        False: ``step`` reports the request only when it finishes (offline generation: building an
+        output per request per step is ~5 us each, most of the host time of a large decode batch)."""
         params = params or SamplingParams()
         params.validate()
         request_id = str(next(self._ids)) if request_id is None else request_id
@@ -158,6 +162,8 @@ class LLMEngine:
                 detok.add_tokens(req.output_token_ids)
         self._detokenizers[request_id] = detok
         self._prompts[request_id] = prompt_text
+        if not stream:
+            self._final_only.add(request_id)
         self.scheduler.add_request(req)
         return req
 
@@ -214,7 +220,9 @@ class LLMEngine:
                 self.scheduler.finish_requests([rid], RequestStatus.FINISHED_STOPPED)
         for req in self.scheduler.take_finished():
             touched[req.request_id] = req
-        return [self._make_output(req, token_ids.get(rid), deltas.get(rid, "")) for rid, req in touched.items()]
+        final_only = self._final_only
+        return [self._make_output(req, token_ids.get(rid), deltas.get(rid, "")) for rid, req in touched.items()
+                if req.is_finished or rid not in final_only]
 
     def _make_output(self, req: Request, new_token: int | None, delta: str) -> RequestOutput:
         rid = req.request_id
@@ -226,6 +234,7 @@ class LLMEngine:
             if detok is not None and detok.stop_matched is None and req.kv_transfer_params is None:
                 delta += detok.flush()
             self._detokenizers.pop(rid, None)
+            self._final_only.discard(rid)
             self.runner.release([rid])
         want_lp = req.sampling_params.logprobs is not None
         completion = CompletionOutput(

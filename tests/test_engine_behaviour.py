@@ -165,3 +165,22 @@ def test_unknown_architecture_is_a_clear_error(tmp_path, tiny_dir):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unsupported architecture"):
         LLM(model=str(bad), dtype="float32")
+
+
+def test_requests_added_without_streaming_are_reported_once_finished(tiny_dir):
+    """stream=False (what LLM.generate uses): no per-step outputs, one final output with every
+    token; a streaming request beside it still reports each step, and both get the same tokens."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_dir), dtype="float32"))
+    prompt = _prompts(1, 20, seed=5)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    engine.add_request("quiet", prompt, params, stream=False)
+    engine.add_request("loud", prompt, params)
+    seen: dict[str, list] = {"quiet": [], "loud": []}
+    while engine.has_work():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert [o.finished for o in seen["quiet"]] == [True]
+    assert len(seen["loud"]) == 6 and seen["loud"][-1].finished
+    assert seen["quiet"][0].outputs[0].token_ids == seen["loud"][-1].outputs[0].token_ids
+    assert len(seen["quiet"][0].outputs[0].token_ids) == 6
+    assert not engine._final_only  # nothing kept for a finished request
