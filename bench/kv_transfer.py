@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="host: the producer's cache in pinned host memory (--processes 2 --device cuda)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-frame-bytes", type=int, default=None, help="zmq extra config")
+    p.add_argument("--extra", default=None, help='connector extra config as JSON, e.g. {"peer_error_handling": false}')
     p.add_argument("--max-seconds-per-point", type=float, default=float("inf"),
                    help="a series stops growing after a point slower than this")
     p.add_argument("--time-budget-s", type=float, default=float("inf"))
@@ -352,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}")
         return 0
     extra = {"max_frame_bytes": args.max_frame_bytes} if args.max_frame_bytes else {}
+    if args.extra:
+        extra.update(json.loads(args.extra))
     names, shapes = args.connectors.split(","), args.shapes.split(",")
     sizes = [int(float(s) * MB) for s in args.sizes_mb.split(",")]
     if args.processes == 2:

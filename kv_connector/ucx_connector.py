@@ -30,7 +30,9 @@ nothing of that peer left.
 
 Extra config: ``expiry_s`` (120), ``recv_timeout_s`` (10), ``peer_idle_s`` (30),
 ``advertise_host``, ``ucx_config`` (UCX settings without the ``UCX_`` prefix; default
-``RNDV_SCHEME: put_zcopy``; ``UCX_*`` environment variables win).
+``RNDV_SCHEME: put_zcopy``; ``UCX_*`` environment variables win), ``peer_error_handling`` (true;
+false lets host-memory transfers on one machine use shared memory, and a dead producer is then
+noticed by ``recv_timeout_s`` instead of at once; set it alike on both sides).
 """
 
 from __future__ import annotations
@@ -120,6 +122,10 @@ class UcxConnector(HandoffConnector):
         self.recv_timeout_s = float(config.extra("recv_timeout_s", 10.0))
         self.peer_idle_s = float(config.extra("peer_idle_s", 30.0))
         self.ucx_config = ucx_context_config(config.extra("ucx_config", None) or {})
+        # UCX admits only transports that report a dead peer when endpoints ask for that, which
+        # rules out shared memory and CMA: host-memory transfers on one machine then go over TCP.
+        # Off, they may take shared memory, and a dead producer is noticed by recv_timeout_s.
+        self.peer_error_handling = bool(config.extra("peer_error_handling", True))
         self._io: _Io | None = None
 
     def _start_transport(self) -> None:
@@ -226,7 +232,8 @@ class _Io(threading.Thread):
             self.port = int(self.listener.port)
 
     def _on_connect(self, conn_request: Any) -> None:
-        self._new_eps.append(self.listener.create_endpoint_from_conn_request(conn_request, True))
+        self._new_eps.append(self.listener.create_endpoint_from_conn_request(conn_request,
+                                                                             self.conn.peer_error_handling))
 
     # ---- scheduler-thread API -----------------------------------------------------------------------
 
@@ -376,7 +383,7 @@ class _Io(threading.Thread):
     def _peer(self, key: tuple[str, int]) -> _Ep:
         p = self._peers.get(key)
         if p is None:
-            ep = self.conn._ucx.UCXEndpoint.create(self.worker, key[0], key[1], True)
+            ep = self.conn._ucx.UCXEndpoint.create(self.worker, key[0], key[1], self.conn.peer_error_handling)
             p = self._peers[key] = _Ep(ep, f"{key[0]}:{key[1]}")
             self.num_peers = len(self._peers)
         return p

@@ -44,8 +44,8 @@ _PRODUCER = textwrap.dedent("""
     import json, sys, time, torch
     from kv_connector import KVTransferConfig, create_connector
 
-    name, layout, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-    conn = create_connector(KVTransferConfig(kv_connector=name, kv_role="kv_producer"))
+    name, layout, n, extra = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+    conn = create_connector(KVTransferConfig(kv_connector=name, kv_role="kv_producer", kv_connector_extra_config=extra))
     shape = (n + 1, layout["num_layers"], 2, layout["block_size"], layout["num_kv_heads"], layout["head_dim"])
     conn.register_kv_cache(torch.ones(shape), layout)
 
@@ -88,9 +88,10 @@ def _step_until(engine, cond, timeout: float) -> dict:
     return finished
 
 
-def _start_producer(name: str, layout: dict) -> tuple[subprocess.Popen, dict]:
+def _start_producer(name: str, layout: dict, extra: dict) -> tuple[subprocess.Popen, dict]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-c", _PRODUCER, name, json.dumps(layout), str(NUM_BLOCKS)],
+    proc = subprocess.Popen([sys.executable, "-c", _PRODUCER, name, json.dumps(layout), str(NUM_BLOCKS),
+                             json.dumps(extra)],
                             stdout=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:  # NIXL logs to stdout too
         if line.startswith("PARAMS "):
@@ -98,18 +99,23 @@ def _start_producer(name: str, layout: dict) -> tuple[subprocess.Popen, dict]:
     raise AssertionError(f"producer exited with {proc.wait()} before holding its blocks")
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_producer_killed_mid_transfer_fails_that_request_and_leaks_nothing(name, wide_kv_model, monkeypatch):
+# ucx without peer error handling (shared memory allowed): the kill is noticed by recv_timeout_s.
+CASES = [pytest.param(p.values[0], {}, marks=p.marks, id=p.values[0]) for p in NAMES] + [
+    pytest.param("ucx", {"peer_error_handling": False}, marks=NAMES[1].marks, id="ucx-no-peer-errors")]
+
+
+@pytest.mark.parametrize("name,extra", CASES)
+def test_producer_killed_mid_transfer_fails_that_request_and_leaks_nothing(name, extra, wide_kv_model, monkeypatch):
     monkeypatch.setenv("UCX_TLS", TCP_ONLY)  # read by both UCX contexts as they are created
     # torch's BLAS and OpenMP pools start on first use; start them before the baseline.
     (torch.randn(1024, 1024) @ torch.randn(1024, 1024)).exp_().softmax(-1).sum()
     threads_before = _native_threads()
     conn = create_connector(KVTransferConfig(kv_connector=name, kv_role="kv_consumer",
-                                             kv_connector_extra_config={"recv_timeout_s": RECV_TIMEOUT_S}))
+                                             kv_connector_extra_config={"recv_timeout_s": RECV_TIMEOUT_S, **extra}))
     engine = LLMEngine(EngineConfig(model=str(wide_kv_model), dtype="float32", device="cpu",
                                     num_kv_blocks=NUM_BLOCKS + 4, max_model_len=(NUM_BLOCKS + 2) * 16),
                        kv_connector=conn)
-    proc, params = _start_producer(name, engine.kv_layout)
+    proc, params = _start_producer(name, engine.kv_layout, extra)
     try:
         prompt = [3 + i % 500 for i in range(NUM_BLOCKS * 16)]
         engine.add_request("d", prompt, SamplingParams(max_tokens=3, ignore_eos=True), kv_transfer_params=params,
