@@ -220,6 +220,7 @@ class LMCacheConnector(KVConnectorBase):
         self._counters = dict(lookups=0, hit_tokens=0, lmcache_hit_tokens=0, remote_hit_tokens=0,
                               loaded_blocks=0, stored_chunks=0, remote_saved_blocks=0, load_shortfalls=0,
                               handoffs_sent=0, handoffs_received=0, handoff_missed_tokens=0)
+        self._counted: set[str] = set()  # requests whose lookup is in the counters, until they finish
         self._closed = False
 
     # ---- worker half: setup -------------------------------------------------------------------
@@ -283,9 +284,13 @@ class LMCacheConnector(KVConnectorBase):
         num_tokens = getattr(request, "num_tokens", len(request.prompt_token_ids))
         last_block = min(len(request.block_hashes), (num_tokens - 1) // bs)  # >= 1 token left to compute
         first_block = num_computed_tokens // bs
-        self._counters["lookups"] += 1
+        # A request asked again (its allocation failed, or it was preempted) is counted once.
+        first_ask = rid not in self._counted
+        self._counted.add(rid)
+        self._counters["lookups"] += first_ask
         if last_block <= first_block:
-            self._check_handoff(request, num_computed_tokens)
+            if first_ask:
+                self._check_handoff(request, num_computed_tokens)
             return 0, False
         hashes = request.block_hashes
         last_chunk = last_block // k
@@ -305,15 +310,17 @@ class LMCacheConnector(KVConnectorBase):
             n = next((i for i, b in enumerate(bufs) if b is None), len(bufs))  # the server died in between
             if n:
                 load.remote_first, load.remote_keys, load.remote_buffers = got, keys[:n], bufs[:n]
-                self._counters["remote_hit_tokens"] += n * bs
+                self._counters["remote_hit_tokens"] += n * bs if first_ask else 0
                 got += n
-        self._check_handoff(request, got * bs)
+        if first_ask:
+            self._check_handoff(request, got * bs)
         if got <= first_block:
             self._drop(load)
             return 0, False
         self._matches[rid] = load
-        self._counters["lmcache_hit_tokens"] += max(0, lm_tokens - num_computed_tokens)
-        self._counters["hit_tokens"] += got * bs - num_computed_tokens
+        if first_ask:
+            self._counters["lmcache_hit_tokens"] += max(0, lm_tokens - num_computed_tokens)
+            self._counters["hit_tokens"] += got * bs - num_computed_tokens
         return got * bs - num_computed_tokens, False
 
     def _check_handoff(self, request: Any, found_tokens: int) -> None:
@@ -348,6 +355,7 @@ class LMCacheConnector(KVConnectorBase):
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
+        self._counted.discard(rid)
         self._drop(self._matches.pop(rid, None))
         self._drop(self._loads.pop(rid, None))
         if self.engine is None or not block_ids or self.role == KVConnectorRole.CONSUMER:

@@ -97,6 +97,21 @@ def test_blocks_saved_on_finish_load_into_other_blocks_with_equal_bytes(connecto
     assert_no_pins(conn)
 
 
+def test_a_request_asked_again_after_a_failed_allocation_is_counted_once(connectors):
+    conn = connectors({})
+    prompt = list(range(100, 118))
+    finish(conn, "a", prompt, [3, 5, 7, 9, 11])
+    req = FakeRequest("b", prompt)
+    assert conn.get_num_new_matched_tokens(req, 0) == (16, False)  # the pool was short: asked again
+    assert admit(conn, req, [20, 21, 22, 23, 24]) == 16
+    s = conn.stats()
+    assert (s["lookups"], s["hit_tokens"], s["lmcache_hit_tokens"]) == (1, 16, 16)
+    conn.request_finished(FakeRequest("b", prompt, num_computed_tokens=18), [20, 21, 22, 23, 24])
+    assert admit(conn, FakeRequest("b", prompt), [12, 13, 14, 15, 16]) == 16  # a new request, same id
+    assert conn.stats()["lookups"] == 2
+    assert_no_pins(conn)
+
+
 def test_at_least_one_prompt_token_is_left_to_compute(connectors):
     conn = connectors()
     prompt = list(range(16))  # exactly 4 blocks
