@@ -27,7 +27,8 @@ class HostStaging:
         self._host = torch.empty(0, dtype=torch.uint8)
         self._dev = torch.empty(0, dtype=torch.uint8, device=device)
         self._event = torch.cuda.Event() if self._pinned else None
-        self._grow(initial_bytes)
+        if self._pinned:  # off the GPU the arrays are used in place: no buffers
+            self._grow(initial_bytes)
 
     def _grow(self, nbytes: int) -> None:
         if self._event is not None:

@@ -292,13 +292,15 @@ def test_backend_write_then_forward_matches_torch_backend(dtype, kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fresh_prompts_without_lse_take_sdpa_and_match_the_reference(dtype):
+@pytest.mark.parametrize("prompts", ["several", "one"])
+def test_fresh_prompts_without_lse_take_sdpa_and_match_the_reference(dtype, prompts):
     """A prefill step of whole prompts whose caller needs no lse reads the step's own K/V through
-    SDPA; the result is the same attention as over the cache. With any cached context, or with
-    lse asked for, the paged kernel still runs (lse comes back)."""
-    seed("fresh", dtype)
+    SDPA (one prompt: its output returned as is); the result is the same attention as over the
+    cache. With lse asked for, the paged kernel still runs (lse comes back)."""
+    seed("fresh", dtype, prompts)
     num_heads, num_kv_heads, head_dim = 16, 4, 64
     lens = [20, 1, 49, 33] + ([700, 2100] if FULL else [])
+    lens = lens if prompts == "several" else lens[-1:]
     kv, layer_cache, meta = make_batch(lens, lens, num_kv_heads, head_dim, dtype)
     query = torch.randn(meta.num_tokens, num_heads, head_dim, device=DEVICE).to(dtype)
     key = torch.randn(meta.num_tokens, num_kv_heads, head_dim, device=DEVICE).to(dtype)

@@ -56,6 +56,10 @@ def _fresh_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                    scale: float) -> torch.Tensor:
     """Causal attention of each prompt over itself, one SDPA call per prompt (a prefill step holds
     a handful). Inputs are strided [T, H, D] views; SDPA takes them as [1, H, S, D] unchanged."""
+    if len(lens) == 1:  # the whole step is one prompt: no copy into a shared output
+        return F.scaled_dot_product_attention(
+            query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None],
+            is_causal=True, scale=scale, enable_gqa=True)[0].transpose(0, 1)
     out = torch.empty_like(query)
     s = 0
     for n in lens:

@@ -35,7 +35,7 @@ def _rope_kv_write_kernel(
     stride_cb, stride_ckv, stride_ct, stride_ch, num_slots, eps,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    QK_NORM: tl.constexpr, WRITE_KV: tl.constexpr,
+    QK_NORM: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     dtype = q_out_ptr.dtype.element_ty
@@ -68,32 +68,30 @@ def _rope_kv_write_kernel(
     tl.store(ksrc, r1, mask=kmask)
     tl.store(ksrc + HALF, r2, mask=kmask)
 
-    if WRITE_KV:
-        slot = tl.load(slot_ptr + t, mask=t < num_slots, other=-1).to(tl.int64)
-        if slot >= 0:
-            vsrc = ksrc + NUM_KV_HEADS * HEAD_DIM
-            v1 = tl.load(vsrc, mask=kmask, other=0.0)
-            v2 = tl.load(vsrc + HALF, mask=kmask, other=0.0)
-            cdt = cache_ptr.dtype.element_ty
-            cdst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct \
-                + offs_k[:, None] * stride_ch + offs_d[None, :]
-            tl.store(cdst, r1.to(cdt), mask=kmask)
-            tl.store(cdst + HALF, r2.to(cdt), mask=kmask)
-            tl.store(cdst + stride_ckv, v1.to(cdt), mask=kmask)
-            tl.store(cdst + stride_ckv + HALF, v2.to(cdt), mask=kmask)
+    slot = tl.load(slot_ptr + t, mask=t < num_slots, other=-1).to(tl.int64)
+    if slot >= 0:
+        vsrc = ksrc + NUM_KV_HEADS * HEAD_DIM
+        v1 = tl.load(vsrc, mask=kmask, other=0.0)
+        v2 = tl.load(vsrc + HALF, mask=kmask, other=0.0)
+        cdt = cache_ptr.dtype.element_ty
+        cdst = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct \
+            + offs_k[:, None] * stride_ch + offs_d[None, :]
+        tl.store(cdst, r1.to(cdt), mask=kmask)
+        tl.store(cdst + HALF, r2.to(cdt), mask=kmask)
+        tl.store(cdst + stride_ckv, v1.to(cdt), mask=kmask)
+        tl.store(cdst + stride_ckv + HALF, v2.to(cdt), mask=kmask)
 
 
 def rope_kv_write(
     qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
-    cos: torch.Tensor, sin: torch.Tensor,
-    layer_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+    cos: torch.Tensor, sin: torch.Tensor, layer_cache: torch.Tensor, slot_mapping: torch.Tensor,
     q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv [T, (Hq + 2 Hkv) * D] (q, k, v heads in that order); cos/sin float32 [T, 1, D].
+    """qkv [T, (Hq + 2 Hkv) * D] (q, k, v heads in that order); cos/sin float32 [T, 1, D];
+    layer_cache [num_blocks, 2, block_size, Hkv, D]; slot_mapping [T'] (-1 = skip).
 
     Returns (q [T, Hq, D] new and contiguous, k, v [T, Hkv, D] views into ``qkv``, k rotated in
-    place). With ``layer_cache`` [num_blocks, 2, block_size, Hkv, D] and ``slot_mapping`` [>= T]
-    (-1 = skip), k and v are also stored there. ``q_norm``/``k_norm``: per-head RMSNorm weights.
+    place); k and v are stored at their slots. ``q_norm``/``k_norm``: per-head RMSNorm weights.
     """
     if head_dim % 2:
         raise ValueError("RoPE needs an even head_dim")
@@ -104,26 +102,21 @@ def rope_kv_write(
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     k = qkv[:, q_size: q_size + kv_size].view(tokens, num_kv_heads, head_dim)
     v = qkv[:, q_size + kv_size:].view(tokens, num_kv_heads, head_dim)
-    write = layer_cache is not None
-    if write and layer_cache.stride(-1) != 1:
+    if layer_cache.stride(-1) != 1:
         raise ValueError("rope_kv_write needs unit stride along the cache's head_dim")
     if tokens == 0:
         return q_out, k, v
-    block_size = layer_cache.shape[2] if write else 1
-    cache = layer_cache if write else qkv
-    cache_strides = (layer_cache.stride(0), layer_cache.stride(1), layer_cache.stride(2),
-                     layer_cache.stride(3)) if write else (0, 0, 0, 0)
     qk_norm = q_norm is not None
     half = head_dim // 2
     # Tokens past the slot mapping (a padded batch) are rotated but never stored.
-    num_slots = slot_mapping.shape[0] if write else 0
     _rope_kv_write_kernel[(tokens,)](
-        qkv, q_out, cos, sin, q_norm if qk_norm else qkv, k_norm if qk_norm else qkv, cache,
-        slot_mapping if write else qkv,
-        qkv.stride(0), q_out.stride(0), q_out.stride(1), cos.stride(0), sin.stride(0), *cache_strides, num_slots, eps,
+        qkv, q_out, cos, sin, q_norm if qk_norm else qkv, k_norm if qk_norm else qkv, layer_cache, slot_mapping,
+        qkv.stride(0), q_out.stride(0), q_out.stride(1), cos.stride(0), sin.stride(0),
+        layer_cache.stride(0), layer_cache.stride(1), layer_cache.stride(2), layer_cache.stride(3),
+        slot_mapping.shape[0], eps,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(half), BLOCK_SIZE=block_size,
-        QK_NORM=qk_norm, WRITE_KV=write, num_warps=4,
+        BLOCK_HALF=triton.next_power_of_2(half), BLOCK_SIZE=layer_cache.shape[2],
+        QK_NORM=qk_norm, num_warps=4,
     )
     return q_out, k, v
