@@ -89,12 +89,15 @@ def link_peaks(device: str, consumer_gpu: int = 0, producer_gpu: int | None = No
     return peaks
 
 
-def bound_of(peaks: dict[str, float], producer_memory: str = "device") -> str:
-    """The copy that bounds a transfer: what ``vs_peak`` is a fraction of."""
+def bound_of(peaks: dict[str, float], producer_memory: str = "device", through_host: bool = False) -> str:
+    """The copy that bounds a transfer: what ``vs_peak`` is a fraction of. Through host memory a
+    device-to-device transfer crosses PCIe twice, once each way: the slower direction bounds it."""
     if "memcpy" in peaks:
         return "memcpy"
     if producer_memory == "host":
         return "h2d_pinned"
+    if through_host:
+        return min(("h2d_pinned", "d2h_pinned"), key=peaks.__getitem__)
     return next((k for k in peaks if k.startswith("gpu")), "d2d")
 
 
@@ -331,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--consumer-gpu", type=int, default=0, help="--processes 2 --device cuda")
     p.add_argument("--producer-memory", default="device", choices=["device", "host"],
                    help="host: the producer's cache in pinned host memory (--processes 2 --device cuda)")
+    p.add_argument("--through-host", action="store_true",
+                   help="ipc connector without CUDA IPC: GPU caches exchange through its shared pinned ring")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-frame-bytes", type=int, default=None, help="zmq extra config")
     p.add_argument("--extra", default=None, help='connector extra config as JSON, e.g. {"peer_error_handling": false}')
@@ -355,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"max_frame_bytes": args.max_frame_bytes} if args.max_frame_bytes else {}
     if args.extra:
         extra.update(json.loads(args.extra))
+    if args.through_host:
+        extra["cuda_ipc"] = False
     names, shapes = args.connectors.split(","), args.shapes.split(",")
     sizes = [int(float(s) * MB) for s in args.sizes_mb.split(",")]
     if args.processes == 2:

@@ -173,7 +173,8 @@ def run_two_process(connector_names: list[str], sizes: list[int], repeats: int =
         cons_dev, prod_dev, producer_memory = torch.device("cpu"), "cpu", "host"
         peaks = link_peaks("cpu")
     pinned = producer_memory == "host" and device == "cuda"
-    placement = f"two processes, {prod_dev}{' pinned' if pinned else ''} → {cons_dev}"
+    placement = (f"two processes, {prod_dev}{' pinned' if pinned else ''} → {cons_dev}"
+                 + (" through host memory" if extra.get("cuda_ipc") is False else ""))
     print(f"{placement}; link peaks (GB/s): " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()), flush=True)
     producer = ProducerProcess()
 
@@ -210,7 +211,7 @@ def run_two_process(connector_names: list[str], sizes: list[int], repeats: int =
         results = sweep(connector_names, shapes or list(SHAPES), sizes, measure, max_point_s, budget_s)
     finally:
         producer.close()
-    bound = bound_of(peaks, producer_memory)
+    bound = bound_of(peaks, producer_memory, through_host=extra.get("cuda_ipc") is False)
     add_vs_peak(results, peaks, bound)
     return {"benchmark": "kv_transfer", "mode": "two processes", "env": environment(cons_dev), "repeats": repeats,
             "extra_config": extra, "device": device, "placement": placement, "producer_gpu": producer_gpu,

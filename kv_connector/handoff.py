@@ -229,10 +229,10 @@ class HandoffConnector(KVConnectorBase):
             self._copy_stream = torch.cuda.Stream(self._blocks.device)
         src_t = torch.from_numpy(src) if isinstance(src, np.ndarray) else src
         with torch.cuda.stream(self._copy_stream):
-            src_t = src_t.to(self._blocks.device, non_blocking=True)
-            if contiguous:
-                self._blocks[int(local_ids[0]):int(local_ids[0]) + n].copy_(src_t)
+            if contiguous:  # one DMA straight from the (pinned) source
+                self._blocks[int(local_ids[0]):int(local_ids[0]) + n].copy_(src_t, non_blocking=True)
             else:
+                src_t = src_t.to(self._blocks.device, non_blocking=True)
                 self._blocks.index_copy_(0, torch.from_numpy(local_ids).to(self._blocks.device), src_t)
         self._copy_stream.synchronize()
 

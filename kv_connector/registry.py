@@ -20,6 +20,7 @@ _FACTORIES: dict[str, Union[str, Factory]] = {
     "multi": "kv_connector.multi_connector:MultiConnector",
     "nixl": "kv_connector.nixl_connector:NixlConnector",
     "ucx": "kv_connector.ucx_connector:UcxConnector",
+    "ipc": "kv_connector.ipc_connector:IpcConnector",
     "lmcache": "kv_connector.lmcache_connector:LMCacheConnector",
 }
 

@@ -65,6 +65,8 @@ def _runs(block_ids: list[int], max_blocks: int) -> list[tuple[int, int, int]]:
 
 class ZmqConnector(HandoffConnector):
     name = "zmq"
+    server_class: type[_Server]  # set below the classes; a subclass swaps in its own
+    client_class: type[_Client]
 
     def __init__(self, config: KVTransferConfig) -> None:
         super().__init__(config)
@@ -77,10 +79,10 @@ class ZmqConnector(HandoffConnector):
 
     def _start_transport(self) -> None:
         if self.role != KVConnectorRole.CONSUMER:
-            self._server = _Server(self)
+            self._server = self.server_class(self)
             self._server.start()
         if self.role != KVConnectorRole.PRODUCER:
-            self._client = _Client(self)
+            self._client = self.client_class(self)
             self._client.start()
 
     def _endpoint(self) -> tuple[str, int]:
@@ -305,11 +307,14 @@ class _Client(threading.Thread):
                 if not p.xfers:
                     p.last_heard = time.monotonic()  # the silence clock starts with our first ask
                 p.xfers[a.id] = a
-                p.sock.send(json.dumps({"op": "read", "xfer": a.id, "request_id": load.remote_request_id,
-                                        "first": load.first, "count": load.count,
-                                        "layout": self.conn.wire_layout}).encode())
+                p.sock.send(json.dumps(self._read_message(a)).encode())
             elif kind == "send":
                 self._peer(a).sock.send(json.dumps(b).encode())
+
+    def _read_message(self, x: _Xfer) -> dict[str, Any]:
+        load = x.load
+        return {"op": "read", "xfer": x.id, "request_id": load.remote_request_id, "first": load.first,
+                "count": load.count, "layout": self.conn.wire_layout}
 
     def _drain(self, p: _Peer) -> None:
         while True:
@@ -400,3 +405,7 @@ class _Client(threading.Thread):
                         f"mid-transfer): got {x.got} of {x.load.count} blocks"), released=True)
             elif not p.xfers and silent > self.conn.peer_idle_s:
                 self._close_peer(key, linger=500)
+
+
+ZmqConnector.server_class = _Server
+ZmqConnector.client_class = _Client

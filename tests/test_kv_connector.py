@@ -1,6 +1,7 @@
 """KV connectors: bytes arrive intact, held blocks are always released, failures are reported.
 
-Every behaviour runs for each pull connector (``zmq`` over real 127.0.0.1 sockets, ``inproc``):
+Every behaviour runs for each pull connector (``zmq`` over real 127.0.0.1 sockets, ``inproc``,
+``ipc`` through real shared memory, and ``nixl``/``ucx`` where installed):
 swapping one for the other is only a config change. A small fake scheduler loop drives both
 halves the way ``engine/scheduler.py`` does; every scenario ends with nothing held or in flight.
 """
@@ -35,7 +36,7 @@ def _connector_param(name: str):
     return pytest.param(name, marks=pytest.mark.skipif(missing, reason=f"{name}: pip install 'kvfabric[transports]'"))
 
 
-NAMES = [_connector_param(n) for n in ("zmq", "inproc", "nixl", "ucx")]
+NAMES = [_connector_param(n) for n in ("zmq", "inproc", "nixl", "ucx", "ipc")]
 from tests.connector_fakes import FakeRequest  # noqa: E402
 
 TINY = dict(block_size=4, num_layers=2, num_kv_heads=2, head_dim=8, model_id="tiny")
@@ -110,7 +111,9 @@ def assert_clean(*conns) -> None:
 
 # ucx with peer_error_handling off may move host memory through shared memory instead of TCP.
 BYTES_CASES = [pytest.param(p.values[0], {}, marks=p.marks, id=p.values[0]) for p in NAMES] + [
-    pytest.param("ucx", {"peer_error_handling": False}, marks=NAMES[3].marks, id="ucx-no-peer-errors")]
+    pytest.param("ucx", {"peer_error_handling": False}, marks=NAMES[3].marks, id="ucx-no-peer-errors"),
+    # Two slots of two fp32 blocks: a load takes many fills, each slot is reused.
+    pytest.param("ipc", {"ring_slots": 2, "ring_slot_bytes": 2048}, id="ipc-small-ring")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

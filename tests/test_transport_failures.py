@@ -1,4 +1,5 @@
-"""A producer SIGKILLed mid-transfer, for each RDMA-style transport (``nixl``, ``ucx``).
+"""A producer SIGKILLed mid-transfer, for each transport that a frozen producer stops (``nixl``,
+``ucx``, and ``ipc`` through its shared ring).
 
 The consumer is a real engine; the producer a real process holding 128 MiB of KV in 256
 scattered blocks. Once the consumer reports the transfer posted, the producer is frozen
@@ -101,7 +102,13 @@ def _start_producer(name: str, layout: dict, extra: dict) -> tuple[subprocess.Po
 
 # ucx without peer error handling (shared memory allowed): the kill is noticed by recv_timeout_s.
 CASES = [pytest.param(p.values[0], {}, marks=p.marks, id=p.values[0]) for p in NAMES] + [
-    pytest.param("ucx", {"peer_error_handling": False}, marks=NAMES[1].marks, id="ucx-no-peer-errors")]
+    pytest.param("ucx", {"peer_error_handling": False}, marks=NAMES[1].marks, id="ucx-no-peer-errors"),
+    # CPU caches: the producer fills the consumer's shared ring 4 MiB at a time, so freezing it stalls the load.
+    pytest.param("ipc", {"ring_slot_bytes": 4 << 20}, id="ipc")]
+
+
+def _shm_segments(*pids: int) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if any(n.startswith(f"kvfabric-{p}-") for p in pids)]
 
 
 @pytest.mark.parametrize("name,extra", CASES)
@@ -148,6 +155,8 @@ def test_producer_killed_mid_transfer_fails_that_request_and_leaks_nothing(name,
     assert (c["failures"], c["transfers"], c["bytes_received"]) == (1, 0, 0), c
     if name == "nixl":
         assert c["remote_agents"] == 0 and c["registered"], c
+    if name == "ipc":
+        assert c["rings"] == 0 and not _shm_segments(os.getpid(), proc.pid), c
 
     # The engine keeps serving: the next request computes its prompt locally.
     engine.add_request("after", prompt[:40], SamplingParams(max_tokens=2, ignore_eos=True))
@@ -156,7 +165,7 @@ def test_producer_killed_mid_transfer_fails_that_request_and_leaks_nothing(name,
     engine.shutdown()
     if name == "nixl":
         assert conn.stats()["registered"] is False
-    assert not [t.name for t in threading.enumerate() if t.name.startswith(("kv-nixl", "kv-ucx"))]
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("kv-nixl", "kv-ucx", "kv-zmq"))]
     # UCX's one process-wide event thread ("async") stays for the process's life; nothing else may.
     deadline = time.monotonic() + 2  # native threads are joined as their owners are collected
     while set(_native_threads() - threads_before) - {"async"} and time.monotonic() < deadline:

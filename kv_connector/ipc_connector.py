@@ -1,0 +1,409 @@
+"""KV hand-off between two engines on one machine: CUDA IPC between GPUs, shared memory otherwise.
+
+UCX and NIXL reach a peer's memory on the same machine, but not at the machine's speed: a NIXL
+READ over ``cuda_ipc`` is a copy-engine memcpy (~160 GB/s on an H200 whose kernels copy at
+~950 GB/s), and a peer's pinned host memory reaches a GPU only over TCP (< 1 GB/s;
+docs/BENCHMARKS.md). This connector keeps the ``zmq`` connector's control plane (same sockets,
+hold table, time-outs) and moves the bytes itself:
+
+- **cuda_ipc** (both caches on GPUs): the producer exports its cache once (``cuda_ipc.export``);
+  the consumer maps it and copies the blocks with one gather kernel, then says ``done``.
+- **ring** (either cache in host memory, or CUDA IPC unavailable): the consumer owns a shared,
+  pinned ring of ``ring_slots`` × ``ring_slot_bytes`` (``shm_segment``); it asks the producer to
+  fill a slot with a chunk of blocks (a D2H copy for a GPU cache), copies the filled slot into its
+  cache (an H2D copy) and hands the slot back. Slots in flight overlap the two copies.
+
+Wire (zmq; JSON, nothing pickled; "read"/"done"/"release" as in ``zmq_connector``):
+
+    consumer DEALER                                          producer ROUTER
+    {"op": "read", ..., "host", "ipc": bool}          ──▶   layout, host and hold checks
+                                ◀── {"op": "accept", "xfer", "layout", "mode": "cuda_ipc",
+                                     "ipc": export, "block_ids", "pinned_until"}   (copy, done)
+                                ◀── {"op": "accept", "xfer", "layout", "mode": "ring"}
+    {"op": "attach", "name", "nbytes"}  (once a ring)  ──▶   map the consumer's ring
+                                ◀── {"op": "attached"} | {"op": "attach_failed", "msg"}
+    {"op": "fill", "xfer", "request_id", "first", "n", "slot", "offset"} ──▶ copy blocks into slot
+                                ◀── {"op": "filled", "xfer", "slot"} | {"op": "error", "xfer", "msg"}
+    {"op": "detach"}  (closing the peer)               ──▶   unmap the ring
+
+A CUDA IPC reader holds the producer's blocks by lease: the producer keeps them allocated until
+``pinned_until`` (``time.monotonic()`` is one clock for the whole machine) unless ``done`` or
+``release`` comes first, and the consumer counts a copy that ended after it as failed. A ring
+fill pins its blocks only while the producer copies them. Whichever side dies, nothing stays in
+/dev/shm (the consumer unlinks the ring's name once the producer has mapped it).
+
+Extra config: as ``zmq`` (``expiry_s``, ``recv_timeout_s``, ``peer_idle_s``, ``advertise_host``),
+plus ``cuda_ipc`` (true), ``ring_slots`` (4), ``ring_slot_bytes`` (16 MiB), ``lease_s`` (30).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kv_connector import cuda_ipc
+from kv_connector.base import KVTransferConfig
+from kv_connector.handoff import layout_mismatch
+from kv_connector.shm_segment import ShmSegment
+from kv_connector.zmq_connector import ZmqConnector, _Client, _Peer, _Server, _Xfer
+
+logger = logging.getLogger(__name__)
+
+
+def machine_id() -> str:
+    """Equal for two processes exactly when they share a kernel (containers included)."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def _is_run(ids: np.ndarray) -> bool:
+    return len(ids) == 1 or bool(np.all(np.diff(ids) == 1))
+
+
+def copy_rows(dst: torch.Tensor, dst_ids: np.ndarray, src: torch.Tensor, src_ids: np.ndarray) -> None:
+    """``dst[dst_ids] = src[src_ids]`` on rows of bytes (``src``: a peer's mapped cache). On one GPU
+    through kernels: a memcpy out of mapped peer memory goes to a copy engine (~160 GB/s on an H200),
+    a kernel reads it at memory speed. From another GPU: gathered there, one peer copy over the link."""
+    wide = torch.int64 if dst.shape[1] % 8 == 0 else torch.uint8
+    dst, src = dst.view(wide), src.view(wide)
+    n, a = len(dst_ids), int(dst_ids[0])
+    d_idx = None if _is_run(dst_ids) else torch.from_numpy(dst_ids).to(dst.device, non_blocking=True)
+    if src.device == dst.device:
+        s_idx = torch.from_numpy(src_ids).to(src.device, non_blocking=True)
+        if d_idx is None:  # one pass: gather straight into the destination run
+            torch.index_select(src, 0, s_idx, out=dst[a:a + n])
+        else:
+            dst.index_copy_(0, d_idx, torch.index_select(src, 0, s_idx))
+        return
+    if _is_run(src_ids):
+        rows = src[int(src_ids[0]):int(src_ids[0]) + n]
+    else:
+        rows = torch.index_select(src, 0, torch.from_numpy(src_ids).to(src.device, non_blocking=True))
+    if d_idx is None:
+        dst[a:a + n].copy_(rows)
+    else:
+        dst.index_copy_(0, d_idx, rows.to(dst.device))
+
+
+class IpcConnector(ZmqConnector):
+    name = "ipc"
+
+    def __init__(self, config: KVTransferConfig) -> None:
+        super().__init__(config)
+        self.use_cuda_ipc = bool(config.extra("cuda_ipc", True))
+        self.ring_slots = max(1, int(config.extra("ring_slots", 4)))
+        self.ring_slot_bytes = int(config.extra("ring_slot_bytes", 16 << 20))
+        self.lease_s = float(config.extra("lease_s", 30.0))
+        self.machine = machine_id()
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._blocks is not None and self._blocks.is_cuda
+
+    def stats(self) -> dict[str, Any]:
+        s = super().stats()
+        client, server = self._client, self._server
+        s["xfers_in_flight"] = len(client._live) if client else 0
+        s["rings"] = (len(client._rings) if client else 0) + (len(server._rings) if server else 0)
+        s["ipc_mappings"] = len(client._maps) if client else 0
+        return s
+
+
+@dataclass(eq=False)
+class _Lease:
+    """Keeps a request's blocks allocated for a CUDA IPC reader (HoldTable tracker)."""
+
+    until: float
+    finished: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.finished or time.monotonic() > self.until
+
+
+class _IpcServer(_Server):
+    """The producer: answers reads with a mode, fills ring slots, maps consumers' rings."""
+
+    def __init__(self, conn: IpcConnector) -> None:
+        super().__init__(conn)
+        self._rings: dict[bytes, ShmSegment] = {}  # consumer identity -> its mapped ring
+        self._leases: dict[str, list[_Lease]] = {}
+        self._export: dict[str, Any] | None = None
+        self._stream: Any = None
+        if conn.on_gpu and conn.use_cuda_ipc:
+            try:
+                self._export = cuda_ipc.export(conn._blocks)
+            except (RuntimeError, OSError) as e:
+                logger.warning("CUDA IPC unavailable for this KV cache (%s): the ipc connector uses its "
+                               "shared-memory ring", e)
+
+    def stop(self) -> None:
+        super().stop()
+        for ring in self._rings.values():
+            ring.close()
+        self._rings.clear()
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return
+        ident = frames[0]
+        try:
+            msg = json.loads(frames[1])
+            op = msg["op"]
+            if op == "read":
+                self._serve(ident, msg)
+            elif op == "fill":
+                self._fill(ident, msg)
+            elif op == "attach":
+                self._attach(ident, msg)
+            elif op == "detach":
+                ring = self._rings.pop(ident, None)
+                if ring is not None:
+                    ring.close()
+            elif op in ("done", "release"):
+                rid = str(msg["request_id"])
+                if self.conn.holds.release(rid, op) and op == "release":
+                    self.conn.count("released_early")
+                for lease in self._leases.pop(rid, ()):
+                    lease.finished = True
+        except (ValueError, KeyError, TypeError) as e:
+            logger.warning("malformed message from a consumer ignored: %s", e)
+        self._leases = {rid: ls for rid, ls in self._leases.items() if not all(x.done for x in ls)}
+
+    def _serve(self, ident: bytes, msg: dict[str, Any]) -> None:
+        xfer, rid = int(msg["xfer"]), str(msg["request_id"])
+        why = layout_mismatch(self.conn.wire_layout, msg.get("layout", {}), "the consumer")
+        if why is None and msg.get("host") != self.conn.machine:
+            why = "the ipc connector moves KV between engines on one machine; this producer is on another"
+        ids = self.conn.holds.pin(rid, int(msg["first"]), int(msg["count"])) if why is None else why
+        if isinstance(ids, str):
+            self._reply(ident, {"op": "error", "xfer": xfer, "msg": ids, "layout": self.conn.wire_layout})
+            return
+        reply = {"op": "accept", "xfer": xfer, "layout": self.conn.wire_layout, "mode": "ring"}
+        trackers = []
+        if msg.get("ipc") and self._export is not None:
+            lease = _Lease(time.monotonic() + self.conn.lease_s)
+            self._leases.setdefault(rid, []).append(lease)
+            trackers.append(lease)
+            reply.update(mode="cuda_ipc", ipc=self._export, block_ids=ids, pinned_until=lease.until)
+            self.conn.count("bytes_sent", len(ids) * self.conn.wire_layout["block_bytes"])
+        self.conn.holds.unpin(rid, trackers)
+        self._reply(ident, reply)
+
+    def _attach(self, ident: bytes, msg: dict[str, Any]) -> None:
+        old = self._rings.pop(ident, None)
+        if old is not None:
+            old.close()
+        try:
+            self._rings[ident] = ShmSegment.open(str(msg["name"]), int(msg["nbytes"]), pin=self.conn.on_gpu)
+        except (OSError, ValueError, RuntimeError) as e:
+            self._reply(ident, {"op": "attach_failed", "msg": (
+                f"producer could not map the consumer's shared ring {msg['name']!r}: {e} (both engines need "
+                "one /dev/shm: same machine, same IPC namespace, e.g. docker `ipc: host`)")})
+            return
+        self._reply(ident, {"op": "attached"})
+
+    def _fill(self, ident: bytes, msg: dict[str, Any]) -> None:
+        xfer, rid, n = int(msg["xfer"]), str(msg["request_id"]), int(msg["n"])
+        ring = self._rings.get(ident)
+        bb = self.conn.wire_layout["block_bytes"]
+        offset = int(msg["offset"])
+        ids = self.conn.holds.pin(rid, int(msg["first"]), n)
+        if isinstance(ids, str) or ring is None or offset < 0 or offset + n * bb > ring.nbytes:
+            why = ids if isinstance(ids, str) else "no ring attached, or a fill outside it"
+            if not isinstance(ids, str):
+                self.conn.holds.unpin(rid)
+            self._reply(ident, {"op": "error", "xfer": xfer, "slot": int(msg["slot"]), "msg": why})
+            return
+        try:
+            dst = ring.buf[offset:offset + n * bb].view(n, bb)
+            blocks = self.conn._blocks
+            if blocks.is_cuda:
+                if self._stream is None:
+                    self._stream = torch.cuda.Stream(blocks.device)
+                with torch.cuda.stream(self._stream):
+                    if ids[-1] - ids[0] == n - 1:  # ids are strictly increasing: a run
+                        dst.copy_(blocks[ids[0]:ids[0] + n], non_blocking=True)
+                    else:  # gathered on the GPU first: one DMA instead of one per block
+                        dst.copy_(blocks[torch.tensor(ids, device=blocks.device)], non_blocking=True)
+                self._stream.synchronize()
+            else:
+                torch.index_select(blocks, 0, torch.tensor(ids), out=dst)
+        finally:
+            self.conn.holds.unpin(rid)
+        self.conn.count("bytes_sent", n * bb)
+        self._reply(ident, {"op": "filled", "xfer": xfer, "slot": int(msg["slot"])})
+
+
+@dataclass
+class _PeerRing:
+    """A consumer's ring for one producer, and the chunks waiting for its slots."""
+
+    seg: ShmSegment
+    slot_bytes: int
+    attached: bool = False
+    free: list[int] = field(default_factory=list)
+    inflight: dict[int, tuple[_Xfer, int, int]] = field(default_factory=dict)  # slot -> (xfer, pos, n)
+    waiting: collections.deque = field(default_factory=collections.deque)  # (xfer, pos, n)
+
+
+class _IpcClient(_Client):
+    """The consumer: copies over CUDA IPC, or drives the producer through its ring."""
+
+    def __init__(self, conn: IpcConnector) -> None:
+        super().__init__(conn)
+        self._rings: dict[tuple[str, int], _PeerRing] = {}  # IO thread only
+        self._maps: dict[tuple[str, int], cuda_ipc.Mapping] = {}
+        self._no_ipc: set[tuple[str, int]] = set()  # producers whose export did not map here
+
+    def _read_message(self, x: _Xfer) -> dict[str, Any]:
+        key = (x.load.remote_host, x.load.remote_port)
+        ipc = self.conn.on_gpu and self.conn.use_cuda_ipc and key not in self._no_ipc
+        return {**super()._read_message(x), "host": self.conn.machine, "ipc": ipc}
+
+    def _key(self, p: _Peer) -> tuple[str, int]:
+        return next(k for k, v in self._peers.items() if v is p)
+
+    def _on_control(self, p: _Peer, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "attached":
+            ring = self._rings.get(self._key(p))
+            if ring is not None:
+                ring.attached = True
+                ring.seg.unlink()  # both map it now: from here nothing outlives the two processes
+                self._pump(p, ring)
+            return
+        if op == "attach_failed":
+            ring = self._rings.pop(self._key(p), None)
+            for x, _, _ in ring.waiting if ring else ():
+                if x.id in p.xfers:
+                    self._fail(p, x, str(msg.get("msg")))
+            if ring is not None:
+                ring.seg.close()
+            return
+        x = p.xfers.get(int(msg.get("xfer", -1)))
+        if op == "filled" or op == "error" and "slot" in msg:
+            self._on_filled(p, int(msg["slot"]), x, error=msg.get("msg") if op == "error" else None)
+            return
+        if x is None:
+            return
+        if op == "error" or "layout" in msg and layout_mismatch(self.conn.wire_layout, msg["layout"], p.name):
+            super()._on_control(p, msg)
+            return
+        if op == "accept" and msg.get("mode") == "cuda_ipc" and self._copy_ipc(p, x, msg):
+            return
+        if op == "accept":
+            self._start_ring(p, x)
+
+    def _copy_ipc(self, p: _Peer, x: _Xfer, msg: dict[str, Any]) -> bool:
+        """False when the producer's export does not map here: the caller falls back to the ring."""
+        key = self._key(p)
+        m = self._maps.get(key)
+        if m is None or m.export != msg["ipc"]:
+            try:
+                if m is not None:
+                    m.close()
+                m = self._maps[key] = cuda_ipc.Mapping(msg["ipc"], self.conn._blocks.device)
+            except (RuntimeError, OSError) as e:
+                self._maps.pop(key, None)
+                self._no_ipc.add(key)
+                logger.info("CUDA IPC from %s does not map here (%s): using the shared ring", p.name, e)
+                return False
+        bb = self.conn.wire_layout["block_bytes"]
+        with self._write_lock:
+            if x.cancelled:
+                del p.xfers[x.id]
+                return True
+            stream = self.conn._copy_stream or torch.cuda.Stream(self.conn._blocks.device)
+            self.conn._copy_stream = stream
+            with torch.cuda.stream(stream):
+                copy_rows(self.conn._blocks, x.local_ids, m.buf.view(-1, bb),
+                          np.asarray(msg["block_ids"], dtype=np.int64))
+            stream.synchronize()
+        if time.monotonic() >= float(msg["pinned_until"]):
+            self._fail(p, x, f"the copy from producer {p.name} outlasted its lease; the blocks may have "
+                             "been reused meanwhile")
+            return True
+        self._finish(p, x, x.load.count * bb)
+        return True
+
+    def _finish(self, p: _Peer, x: _Xfer, nbytes: int) -> None:
+        x.got = x.load.count
+        del p.xfers[x.id]
+        p.sock.send(json.dumps({"op": "done", "request_id": x.load.remote_request_id}).encode())
+        self._forget(x)
+        self.conn.count("bytes_received", nbytes)
+        self.conn.count("transfers")
+        self.conn.load_done(x.load.request_id)
+
+    def _start_ring(self, p: _Peer, x: _Xfer) -> None:
+        key = self._key(p)
+        ring = self._rings.get(key)
+        bb = self.conn.wire_layout["block_bytes"]
+        if ring is None:
+            slot_bytes = max(bb, self.conn.ring_slot_bytes // bb * bb)
+            try:
+                seg = ShmSegment.create(self.conn.ring_slots * slot_bytes, pin=self.conn.on_gpu)
+            except (OSError, RuntimeError) as e:
+                self._fail(p, x, f"could not create a shared ring: {e}")
+                return
+            ring = self._rings[key] = _PeerRing(seg, slot_bytes, free=list(range(self.conn.ring_slots)))
+            p.sock.send(json.dumps({"op": "attach", "name": seg.name, "nbytes": seg.nbytes}).encode())
+        per_slot = ring.slot_bytes // bb
+        ring.waiting.extend((x, pos, min(per_slot, x.load.count - pos)) for pos in range(0, x.load.count, per_slot))
+        self._pump(p, ring)
+
+    def _pump(self, p: _Peer, ring: _PeerRing) -> None:
+        while ring.attached and ring.free and ring.waiting:
+            x, pos, n = ring.waiting.popleft()
+            if x.id not in p.xfers or x.cancelled:
+                continue
+            slot = ring.free.pop()
+            ring.inflight[slot] = (x, pos, n)
+            p.sock.send(json.dumps({"op": "fill", "xfer": x.id, "request_id": x.load.remote_request_id,
+                                    "first": x.load.first + pos, "n": n, "slot": slot,
+                                    "offset": slot * ring.slot_bytes}).encode())
+
+    def _on_filled(self, p: _Peer, slot: int, x: _Xfer | None, error: str | None) -> None:
+        ring = self._rings.get(self._key(p))
+        if ring is None or slot not in ring.inflight:
+            return
+        sx, pos, n = ring.inflight.pop(slot)
+        bb = self.conn.wire_layout["block_bytes"]
+        if error is not None and x is sx and x.id in p.xfers:
+            self._fail(p, x, f"producer {p.name} refused a fill: {error}")
+        elif x is sx and x.id in p.xfers:
+            with self._write_lock:
+                if x.cancelled:
+                    del p.xfers[x.id]
+                else:
+                    src = ring.seg.buf[slot * ring.slot_bytes:slot * ring.slot_bytes + n * bb].view(n, bb)
+                    self.conn.write_blocks(x.local_ids[pos:pos + n], src if self.conn.on_gpu else src.numpy())
+                    x.got += n
+        ring.free.append(slot)
+        if x is sx and x.id in p.xfers and x.got == x.load.count:
+            self._finish(p, x, x.load.count * bb)
+        self._pump(p, ring)
+
+    def _close_peer(self, key: tuple[str, int], linger: int) -> None:
+        ring, m = self._rings.pop(key, None), self._maps.pop(key, None)
+        if ring is not None and linger > 0 and key in self._peers:
+            self._peers[key].sock.send(json.dumps({"op": "detach"}).encode())
+        super()._close_peer(key, linger)
+        if self.conn._copy_stream is not None:
+            self.conn._copy_stream.synchronize()
+        if ring is not None:
+            ring.seg.close()
+        if m is not None:
+            m.close()
+
+
+IpcConnector.server_class = _IpcServer
+IpcConnector.client_class = _IpcClient

@@ -1,0 +1,126 @@
+"""What only the ``ipc`` connector has: its shared ring leaves nothing in /dev/shm, it refuses peers it
+cannot share memory with, and a real ``kvfabric up`` topology serves through it.
+
+Its common behaviours (bytes, holds, expiry, aborts, layout errors, a producer that vanishes) run
+in tests/test_kv_connector.py with every other connector; a producer killed mid-transfer in
+tests/test_transport_failures.py; GPU round trips under the ``gpu`` marker there too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kv_connector import shm_segment
+from tests.test_kv_connector import assert_clean, blocks, consume, make_connector, poll, produce
+
+
+@pytest.fixture
+def connectors():
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(make_connector(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.shutdown()
+
+
+def _ours() -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"kvfabric-{os.getpid()}-")]
+
+
+def test_ring_name_is_gone_once_the_producer_maps_it(connectors):
+    producer = connectors("ipc", "kv_producer")
+    consumer = connectors("ipc", "kv_consumer")
+    consume(consumer, "d", produce(producer, "p", [5, 6, 7], num_tokens=10), [20, 21, 22])
+    _, recved, failed = poll(consumer, lambda s, r, f: r or f)
+    assert recved == {"d"}, failed
+    assert torch.equal(blocks(consumer, [20, 21, 22]), blocks(producer, [5, 6, 7]))
+    assert consumer.stats()["rings"] == 1 and producer.stats()["rings"] == 1  # mapped on both sides...
+    assert _ours() == []  # ...and unlinked: a crash of either side now leaves nothing behind
+    poll(producer, lambda s, r, f: s)
+    assert_clean(producer, consumer)
+    consumer.shutdown()
+    producer.shutdown()
+    assert consumer.stats()["rings"] == 0 and producer.stats()["rings"] == 0
+
+
+def test_segments_of_dead_creators_are_swept():
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = f"/dev/shm/kvfabric-{dead}-0"
+    open(stale, "wb").close()
+    live = shm_segment.ShmSegment.create(4096, pin=False)  # sweeps on create
+    try:
+        assert not os.path.exists(stale) and os.path.exists(live.path)
+    finally:
+        live.close()
+    assert not os.path.exists(live.path)
+
+
+def test_a_producer_on_another_machine_is_refused(connectors):
+    producer = connectors("ipc", "kv_producer", expiry_s=60)
+    consumer = connectors("ipc", "kv_consumer")
+    consumer.machine = "another-boot-id"
+    consume(consumer, "d", produce(producer, "p", [5, 6], num_tokens=8), [20, 21])
+    _, _, failed = poll(consumer, lambda s, r, f: f)
+    assert "on one machine" in failed["d"]
+    poll(producer, lambda s, r, f: s, timeout=2)  # the consumer gave the blocks back
+    assert_clean(producer, consumer)
+
+
+def test_a_ring_the_producer_cannot_map_fails_clearly(connectors, monkeypatch):
+    from kv_connector import ipc_connector
+
+    def no_shared_dev_shm(*a, **k):
+        raise FileNotFoundError("No such file or directory")
+
+    producer = connectors("ipc", "kv_producer", expiry_s=60)
+    consumer = connectors("ipc", "kv_consumer")
+    monkeypatch.setattr(ipc_connector.ShmSegment, "open", no_shared_dev_shm)
+    consume(consumer, "d", produce(producer, "p", [5, 6], num_tokens=8), [20, 21])
+    _, _, failed = poll(consumer, lambda s, r, f: f)
+    assert "could not map the consumer's shared ring" in failed["d"] and "ipc: host" in failed["d"]
+    poll(producer, lambda s, r, f: s, timeout=2)
+    assert_clean(producer, consumer)
+    assert consumer.stats()["rings"] == 0 and _ours() == []
+
+
+def test_kvfabric_up_serves_through_ipc(tmp_path, default_model_dir):
+    """Prefill and decode as real processes, the KV through shared memory: same text as offline."""
+    import openai
+
+    from engine import LLM, SamplingParams
+    from tests.topology import Topology, running
+
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    offline = [o.outputs[0].text for o in LLM(dtype="float32").generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))]
+    with running(Topology(tmp_path, kv_connector="ipc")) as (topo,):
+        c = openai.OpenAI(base_url=topo.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        texts = [c.completions.create(model="SmolLM2-135M-Instruct", prompt=p, max_tokens=16, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+        assert texts == offline
+        s = topo.stats("decode")
+        assert s["connector_bytes_received"] > 0 and s["connector_failures"] == 0, s
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("extra,memory", [({}, "device"), ({"cuda_ipc": False}, "device"), ({}, "host")],
+                         ids=["cuda-ipc", "through-host", "pinned-producer"])
+def test_two_processes_on_one_gpu_move_exact_bytes(extra, memory):
+    """A producer process and this one on GPU 0: over CUDA IPC, through the shared pinned ring, and from
+    a producer whose cache is pinned host memory; every payload compared byte for byte."""
+    from bench.kv_transfer_2proc import run_two_process
+
+    data = run_two_process(["ipc"], [1 << 20, 64 << 20], repeats=2, extra=extra, device="cuda",
+                           producer_memory=memory, shapes=["large", "small"])
+    assert data["results"] and all(r.get("bytes_equal") for r in data["results"]), data["results"]
