@@ -21,7 +21,7 @@ _LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess: a peer GPU's mem
 
 
 class _Handle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * 64)]
+    _fields_ = [("reserved", ctypes.c_ubyte * 64)]  # not c_char: that field would read back cut at a NUL
 
 
 def _loaded(soname: str) -> str:
@@ -78,8 +78,7 @@ class Mapping:
     def __init__(self, exported: dict[str, Any], device: torch.device) -> None:
         rt, _ = _libs()
         self.export = exported
-        h = _Handle()
-        h.reserved = bytes.fromhex(exported["handle"])
+        h = _Handle.from_buffer_copy(bytes.fromhex(exported["handle"]))
         self.device = device
         self._base = ctypes.c_void_p()
         with torch.cuda.device(device):

@@ -153,7 +153,7 @@ class _IpcServer(_Server):
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
             return
-        ident = frames[0]
+        ident, msg = frames[0], None
         try:
             msg = json.loads(frames[1])
             op = msg["op"]
@@ -175,6 +175,11 @@ class _IpcServer(_Server):
                     lease.finished = True
         except (ValueError, KeyError, TypeError) as e:
             logger.warning("malformed message from a consumer ignored: %s", e)
+        except Exception as e:  # noqa: BLE001  (a CUDA or OS error must not end the server thread)
+            logger.exception("ipc producer failed to serve %s", frames[1][:200])
+            if isinstance(msg, dict) and "xfer" in msg:
+                self._reply(ident, {"op": "error", "xfer": msg["xfer"], **({"slot": msg["slot"]} if "slot" in msg
+                                                                            else {}), "msg": f"producer: {e}"})
         self._leases = {rid: ls for rid, ls in self._leases.items() if not all(x.done for x in ls)}
 
     def _serve(self, ident: bytes, msg: dict[str, Any]) -> None:
@@ -272,6 +277,15 @@ class _IpcClient(_Client):
         return next(k for k, v in self._peers.items() if v is p)
 
     def _on_control(self, p: _Peer, msg: dict[str, Any]) -> None:
+        try:
+            self._dispatch(p, msg)
+        except Exception as e:  # noqa: BLE001  (a CUDA or OS error fails the load, not the IO thread)
+            logger.exception("ipc consumer failed on %s from %s", msg.get("op"), p.name)
+            x = p.xfers.get(int(msg.get("xfer", -1)))
+            if x is not None:
+                self._fail(p, x, f"{type(e).__name__}: {e}")
+
+    def _dispatch(self, p: _Peer, msg: dict[str, Any]) -> None:
         op = msg.get("op")
         if op == "attached":
             ring = self._rings.get(self._key(p))
@@ -377,17 +391,19 @@ class _IpcClient(_Client):
             return
         sx, pos, n = ring.inflight.pop(slot)
         bb = self.conn.wire_layout["block_bytes"]
-        if error is not None and x is sx and x.id in p.xfers:
-            self._fail(p, x, f"producer {p.name} refused a fill: {error}")
-        elif x is sx and x.id in p.xfers:
-            with self._write_lock:
-                if x.cancelled:
-                    del p.xfers[x.id]
-                else:
-                    src = ring.seg.buf[slot * ring.slot_bytes:slot * ring.slot_bytes + n * bb].view(n, bb)
-                    self.conn.write_blocks(x.local_ids[pos:pos + n], src if self.conn.on_gpu else src.numpy())
-                    x.got += n
-        ring.free.append(slot)
+        try:
+            if error is not None and x is sx and x.id in p.xfers:
+                self._fail(p, x, f"producer {p.name} refused a fill: {error}")
+            elif x is sx and x.id in p.xfers:
+                with self._write_lock:
+                    if x.cancelled:
+                        del p.xfers[x.id]
+                    else:
+                        src = ring.seg.buf[slot * ring.slot_bytes:slot * ring.slot_bytes + n * bb].view(n, bb)
+                        self.conn.write_blocks(x.local_ids[pos:pos + n], src if self.conn.on_gpu else src.numpy())
+                        x.got += n
+        finally:
+            ring.free.append(slot)  # written out (or dropped): the producer may fill it again
         if x is sx and x.id in p.xfers and x.got == x.load.count:
             self._finish(p, x, x.load.count * bb)
         self._pump(p, ring)

@@ -27,6 +27,7 @@ _PREFIX = "kvfabric-"
 _NAME = re.compile(rf"^{_PREFIX}(\d+)-\d+$")
 _counter = itertools.count()
 _CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context of the process, not just the current one
+_CUDA_ERROR_ALREADY_REGISTERED = 712  # the pages are pinned through another mapping in this process
 
 
 def _pid_alive(pid: int) -> bool:
@@ -78,11 +79,11 @@ class ShmSegment:
         self.buf = torch.frombuffer(self._mm, dtype=torch.uint8)
         self.pinned = False
         if pin:
-            rc = torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), nbytes, _CUDA_HOST_REGISTER_PORTABLE)
-            if int(rc) != 0:
+            rc = int(torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), nbytes, _CUDA_HOST_REGISTER_PORTABLE))
+            if rc not in (0, _CUDA_ERROR_ALREADY_REGISTERED):
                 self.close()
-                raise RuntimeError(f"cudaHostRegister of shared segment {name} failed: {rc}")
-            self.pinned = True
+                raise RuntimeError(f"cudaHostRegister of shared segment {name} failed: cudaError {rc}")
+            self.pinned = rc == 0
 
     @classmethod
     def create(cls, nbytes: int, pin: bool, directory: str = SHM_DIR) -> ShmSegment:

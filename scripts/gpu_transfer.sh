@@ -32,7 +32,7 @@ elif [ "$T" = nixl ]; then
 fi
 
 echo "== tests: $T (GPU round trips, CPU behaviour, producer killed mid-transfer)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kv_connector.py tests/test_transport_failures.py \
+timeout 240 python3 -m pytest -q -p no:cacheprovider -o faulthandler_timeout=45 tests/test_kv_connector.py tests/test_transport_failures.py \
   $([ "$T" = ipc ] && echo tests/test_ipc_connector.py) -k "$T and not kvfabric_up" 2>&1 | tail -25
 
 [ "$T" != ipc ] && echo "== which UCX protocols a GPU round trip of $T takes (UCX_PROTO_INFO)" &&
@@ -46,7 +46,7 @@ bench() {  # NAME BUDGET_S ARGS...
   echo "== bench $name"
   timeout $((budget + 120)) python3 -m bench.kv_transfer --device cuda --sizes-mb 0.0625,1,16,64,256,1024 \
     --repeats 3 --max-seconds-per-point 1.5 --time-budget-s "$budget" --out "$OUT" --name "$name" --no-plot "$@" \
-    2>&1 | grep -v -E "NIXL INFO|UCX +WARN"
+    2>&1 | grep --line-buffered -v -E "NIXL INFO|UCX +WARN"
 }
 if [ "$T" = ucx ]; then ONE=zmq,inproc,ucx; else ONE=$T; fi
 [ "$T" != ipc ] && bench "${T}_1proc" 70 --connectors "$ONE"  # one process: ipc falls back to its ring
