@@ -1,10 +1,10 @@
-"""Why the ``ipc`` connector copies out of a peer's CUDA IPC mapping with a kernel, not a memcpy.
+"""What a copy out of a peer process's CUDA IPC mapping costs, next to the same copy from local memory.
 
 A child process allocates ``--mb`` on GPU ``--producer-gpu`` and exports it (``kv_connector/cuda_ipc``);
 this process maps it on GPU ``--consumer-gpu`` and times, best of 5, copying all of it into a local
-buffer: ``memcpy`` (``copy_``, i.e. cudaMemcpyAsync), a gather kernel (``index_select`` of 2 MiB
-rows straight into the destination, what ``ipc_connector.copy_rows`` does for one run), and, for
-reference, both on a local source. Writes JSON.
+buffer: ``memcpy`` (``copy_``, i.e. cudaMemcpyAsync) and a gather kernel (``index_select`` of 2 MiB
+rows straight into the destination, what ``ipc_connector.copy_rows`` does for scattered blocks), each
+from the mapping and from a local source. Writes JSON.
 
     python -m bench.ipc_copy --mb 1024 --out DIR
 """

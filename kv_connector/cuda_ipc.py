@@ -39,6 +39,7 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     rt.cudaIpcOpenMemHandle.argtypes = [ctypes.POINTER(ctypes.c_void_p), _Handle, ctypes.c_uint]
     rt.cudaIpcCloseMemHandle.argtypes = [ctypes.c_void_p]
     rt.cudaGetErrorString.argtypes = [ctypes.c_int]
+    rt.cudaGetLastError.argtypes = []
     rt.cudaGetErrorString.restype = ctypes.c_char_p
     drv.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
                                             ctypes.c_uint64]
@@ -47,6 +48,7 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
 
 def _check(rc: int, what: str) -> None:
     if rc != 0:
+        _libs()[0].cudaGetLastError()  # the runtime keeps the error for this thread: torch would report it next
         raise RuntimeError(f"{what} failed: {_libs()[0].cudaGetErrorString(rc).decode()} (cudaError {rc})")
 
 

@@ -1,13 +1,13 @@
 """KV hand-off between two engines on one machine: CUDA IPC between GPUs, shared memory otherwise.
 
 UCX and NIXL reach a peer's memory on the same machine, but not at the machine's speed: a NIXL
-READ over ``cuda_ipc`` is a copy-engine memcpy (~160 GB/s on an H200 whose kernels copy at
-~950 GB/s), and a peer's pinned host memory reaches a GPU only over TCP (< 1 GB/s;
-docs/BENCHMARKS.md). This connector keeps the ``zmq`` connector's control plane (same sockets,
-hold table, time-outs) and moves the bytes itself:
+READ over UCX's ``cuda_ipc`` moved 139-164 GB/s between two processes on one H200, where a plain
+copy out of the same CUDA IPC mapping runs at ~2 TB/s (``bench/ipc_copy.py``), and a peer's pinned
+host memory reached a GPU only over TCP (< 1 GB/s; docs/BENCHMARKS.md). This connector keeps the
+``zmq`` connector's control plane (same sockets, hold table, time-outs) and moves the bytes itself:
 
-- **cuda_ipc** (both caches on GPUs): the producer exports its cache once (``cuda_ipc.export``);
-  the consumer maps it and copies the blocks with one gather kernel, then says ``done``.
+- **cuda_ipc** (both caches on GPUs, two processes): the producer exports its cache once
+  (``cuda_ipc.export``); the consumer maps it, copies the blocks (``copy_rows``), says ``done``.
 - **ring** (either cache in host memory, or CUDA IPC unavailable): the consumer owns a shared,
   pinned ring of ``ring_slots`` × ``ring_slot_bytes`` (``shm_segment``); it asks the producer to
   fill a slot with a chunk of blocks (a D2H copy for a GPU cache), copies the filled slot into its
@@ -38,9 +38,11 @@ plus ``cuda_ipc`` (true), ``ring_slots`` (4), ``ring_slot_bytes`` (16 MiB), ``le
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,33 +65,38 @@ def machine_id() -> str:
         return f.read().strip()
 
 
+def _pack_ids(ids: list[int]) -> str:
+    """Block ids for JSON: base64 of int64 (a 1 GB load of 16 KiB blocks names 65,536 of them)."""
+    return base64.b64encode(np.asarray(ids, dtype=np.int64).tobytes()).decode()
+
+
+def _unpack_ids(s: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype=np.int64)
+
+
 def _is_run(ids: np.ndarray) -> bool:
     return len(ids) == 1 or bool(np.all(np.diff(ids) == 1))
 
 
 def copy_rows(dst: torch.Tensor, dst_ids: np.ndarray, src: torch.Tensor, src_ids: np.ndarray) -> None:
-    """``dst[dst_ids] = src[src_ids]`` on rows of bytes (``src``: a peer's mapped cache). On one GPU
-    through kernels: a memcpy out of mapped peer memory goes to a copy engine (~160 GB/s on an H200),
-    a kernel reads it at memory speed. From another GPU: gathered there, one peer copy over the link."""
+    """``dst[dst_ids] = src[src_ids]`` on rows of bytes (``src``: a peer's mapped cache). Runs on both
+    sides are one memcpy; otherwise a gather kernel (straight into the destination when that is a
+    run), then a scatter. Across GPUs the gather runs where the rows are, then one copy over the link."""
     wide = torch.int64 if dst.shape[1] % 8 == 0 else torch.uint8
     dst, src = dst.view(wide), src.view(wide)
     n, a = len(dst_ids), int(dst_ids[0])
-    d_idx = None if _is_run(dst_ids) else torch.from_numpy(dst_ids).to(dst.device, non_blocking=True)
-    if src.device == dst.device:
-        s_idx = torch.from_numpy(src_ids).to(src.device, non_blocking=True)
-        if d_idx is None:  # one pass: gather straight into the destination run
-            torch.index_select(src, 0, s_idx, out=dst[a:a + n])
-        else:
-            dst.index_copy_(0, d_idx, torch.index_select(src, 0, s_idx))
-        return
-    if _is_run(src_ids):
+    d_run, s_run = _is_run(dst_ids), _is_run(src_ids)
+    if s_run:
         rows = src[int(src_ids[0]):int(src_ids[0]) + n]
+    elif src.device == dst.device and d_run:
+        torch.index_select(src, 0, torch.from_numpy(src_ids).to(src.device), out=dst[a:a + n])
+        return
     else:
-        rows = torch.index_select(src, 0, torch.from_numpy(src_ids).to(src.device, non_blocking=True))
-    if d_idx is None:
+        rows = torch.index_select(src, 0, torch.from_numpy(src_ids).to(src.device))
+    if d_run:
         dst[a:a + n].copy_(rows)
     else:
-        dst.index_copy_(0, d_idx, rows.to(dst.device))
+        dst.index_copy_(0, torch.from_numpy(dst_ids).to(dst.device), rows.to(dst.device))
 
 
 class IpcConnector(ZmqConnector):
@@ -193,11 +200,11 @@ class _IpcServer(_Server):
             return
         reply = {"op": "accept", "xfer": xfer, "layout": self.conn.wire_layout, "mode": "ring"}
         trackers = []
-        if msg.get("ipc") and self._export is not None:
+        if msg.get("ipc") and self._export is not None and msg.get("pid") != os.getpid():  # no IPC to oneself
             lease = _Lease(time.monotonic() + self.conn.lease_s)
             self._leases.setdefault(rid, []).append(lease)
             trackers.append(lease)
-            reply.update(mode="cuda_ipc", ipc=self._export, block_ids=ids, pinned_until=lease.until)
+            reply.update(mode="cuda_ipc", ipc=self._export, block_ids=_pack_ids(ids), pinned_until=lease.until)
             self.conn.count("bytes_sent", len(ids) * self.conn.wire_layout["block_bytes"])
         self.conn.holds.unpin(rid, trackers)
         self._reply(ident, reply)
@@ -271,7 +278,7 @@ class _IpcClient(_Client):
     def _read_message(self, x: _Xfer) -> dict[str, Any]:
         key = (x.load.remote_host, x.load.remote_port)
         ipc = self.conn.on_gpu and self.conn.use_cuda_ipc and key not in self._no_ipc
-        return {**super()._read_message(x), "host": self.conn.machine, "ipc": ipc}
+        return {**super()._read_message(x), "host": self.conn.machine, "ipc": ipc, "pid": os.getpid()}
 
     def _key(self, p: _Peer) -> tuple[str, int]:
         return next(k for k, v in self._peers.items() if v is p)
@@ -338,8 +345,7 @@ class _IpcClient(_Client):
             stream = self.conn._copy_stream or torch.cuda.Stream(self.conn._blocks.device)
             self.conn._copy_stream = stream
             with torch.cuda.stream(stream):
-                copy_rows(self.conn._blocks, x.local_ids, m.buf.view(-1, bb),
-                          np.asarray(msg["block_ids"], dtype=np.int64))
+                copy_rows(self.conn._blocks, x.local_ids, m.buf.view(-1, bb), _unpack_ids(msg["block_ids"]))
             stream.synchronize()
         if time.monotonic() >= float(msg["pinned_until"]):
             self._fail(p, x, f"the copy from producer {p.name} outlasted its lease; the blocks may have "
