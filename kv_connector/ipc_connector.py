@@ -33,7 +33,8 @@ fill pins its blocks only while the producer copies them. Whichever side dies, n
 /dev/shm (the consumer unlinks the ring's name once the producer has mapped it).
 
 Extra config: as ``zmq`` (``expiry_s``, ``recv_timeout_s``, ``peer_idle_s``, ``advertise_host``),
-plus ``cuda_ipc`` (true), ``ring_slots`` (4), ``ring_slot_bytes`` (16 MiB), ``lease_s`` (30).
+plus ``cuda_ipc`` (true), ``ring_slots`` (8), ``ring_slot_bytes`` (32 MiB), ``lease_s`` (30). A ring
+takes ``ring_slots × ring_slot_bytes`` of /dev/shm per (consumer, producer) pair, reserved up front.
 """
 
 from __future__ import annotations
@@ -78,6 +79,21 @@ def _is_run(ids: np.ndarray) -> bool:
     return len(ids) == 1 or bool(np.all(np.diff(ids) == 1))
 
 
+def _gather(dst: torch.Tensor, blocks: torch.Tensor, ids: list[int], max_runs: int = 64) -> None:
+    """``dst[:] = blocks[ids]``: one copy per run of consecutive ids (each a DMA, or a multi-threaded
+    memcpy on the host) when they are few; else one gather (on the GPU first: one DMA, not one per block)."""
+    a = np.asarray(ids, dtype=np.int64)
+    starts = np.flatnonzero(np.diff(a, prepend=a[0] - 2) != 1)
+    if len(starts) > max_runs:
+        if blocks.is_cuda:
+            dst.copy_(blocks[torch.from_numpy(a).to(blocks.device)], non_blocking=True)
+        else:
+            torch.index_select(blocks, 0, torch.from_numpy(a), out=dst)
+        return
+    for s, e in zip(starts, np.append(starts[1:], len(a))):
+        dst[s:e].copy_(blocks[a[s]:a[s] + e - s], non_blocking=True)
+
+
 def copy_rows(dst: torch.Tensor, dst_ids: np.ndarray, src: torch.Tensor, src_ids: np.ndarray) -> None:
     """``dst[dst_ids] = src[src_ids]`` on rows of bytes (``src``: a peer's mapped cache). Runs on both
     sides are one memcpy; otherwise a gather kernel (straight into the destination when that is a
@@ -105,8 +121,9 @@ class IpcConnector(ZmqConnector):
     def __init__(self, config: KVTransferConfig) -> None:
         super().__init__(config)
         self.use_cuda_ipc = bool(config.extra("cuda_ipc", True))
-        self.ring_slots = max(1, int(config.extra("ring_slots", 4)))
-        self.ring_slot_bytes = int(config.extra("ring_slot_bytes", 16 << 20))
+        # 8 x 32 MiB: the best of 4 x 16, 4 x 64 and 8 x 32 MiB through host memory on an H200 (BENCHMARKS.md).
+        self.ring_slots = max(1, int(config.extra("ring_slots", 8)))
+        self.ring_slot_bytes = int(config.extra("ring_slot_bytes", 32 << 20))
         self.lease_s = float(config.extra("lease_s", 30.0))
         self.machine = machine_id()
 
@@ -241,13 +258,10 @@ class _IpcServer(_Server):
                 if self._stream is None:
                     self._stream = torch.cuda.Stream(blocks.device)
                 with torch.cuda.stream(self._stream):
-                    if ids[-1] - ids[0] == n - 1:  # ids are strictly increasing: a run
-                        dst.copy_(blocks[ids[0]:ids[0] + n], non_blocking=True)
-                    else:  # gathered on the GPU first: one DMA instead of one per block
-                        dst.copy_(blocks[torch.tensor(ids, device=blocks.device)], non_blocking=True)
+                    _gather(dst, blocks, ids)
                 self._stream.synchronize()
             else:
-                torch.index_select(blocks, 0, torch.tensor(ids), out=dst)
+                _gather(dst, blocks, ids)
         finally:
             self.conn.holds.unpin(rid)
         self.conn.count("bytes_sent", n * bb)
@@ -372,7 +386,8 @@ class _IpcClient(_Client):
             try:
                 seg = ShmSegment.create(self.conn.ring_slots * slot_bytes, pin=self.conn.on_gpu)
             except (OSError, RuntimeError) as e:
-                self._fail(p, x, f"could not create a shared ring: {e}")
+                self._fail(p, x, f"could not create a {self.conn.ring_slots * slot_bytes >> 20} MiB shared ring "
+                                 f"in /dev/shm: {e} (docker: shm_size or ipc: host; or lower ring_slot_bytes)")
                 return
             ring = self._rings[key] = _PeerRing(seg, slot_bytes, free=list(range(self.conn.ring_slots)))
             p.sock.send(json.dumps({"op": "attach", "name": seg.name, "nbytes": seg.nbytes}).encode())

@@ -64,8 +64,8 @@ class ShmSegment:
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(self.path, flags, 0o600)
         try:
-            if create:
-                os.ftruncate(fd, nbytes)
+            if create:  # reserve every page now: a full /dev/shm is an error here, not a SIGBUS mid-copy
+                os.posix_fallocate(fd, 0, nbytes)
             elif os.fstat(fd).st_size != nbytes:
                 raise ValueError(f"shared segment {name} has {os.fstat(fd).st_size} bytes, expected {nbytes}")
             self._mm = mmap.mmap(fd, nbytes)
