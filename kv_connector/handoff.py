@@ -212,8 +212,9 @@ class HandoffConnector(KVConnectorBase):
         the request then sends nothing (a release to a dead producer would open a new connection)."""
         self._failed.put((request_id, why, released))
 
-    def write_blocks(self, local_ids: np.ndarray, src: torch.Tensor | np.ndarray) -> None:
-        """Copy ``src`` ([n, block_bytes] uint8) into local blocks ``local_ids``."""
+    def write_blocks(self, local_ids: np.ndarray, src: torch.Tensor | np.ndarray, wait: bool = True) -> None:
+        """Copy ``src`` ([n, block_bytes] uint8) into local blocks ``local_ids``. A device cache copies
+        on ``_copy_stream``; ``wait=False`` returns before the copy ends (the caller syncs)."""
         n = len(local_ids)
         contiguous = n == 1 or bool(np.all(np.diff(local_ids) == 1))
         if self._blocks_np is not None:
@@ -234,7 +235,8 @@ class HandoffConnector(KVConnectorBase):
             else:
                 src_t = src_t.to(self._blocks.device, non_blocking=True)
                 self._blocks.index_copy_(0, torch.from_numpy(local_ids).to(self._blocks.device), src_t)
-        self._copy_stream.synchronize()
+        if wait:
+            self._copy_stream.synchronize()
 
     # ---- scheduler half ---------------------------------------------------------------------------
 

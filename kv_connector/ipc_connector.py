@@ -161,6 +161,9 @@ class _IpcServer(_Server):
         self._leases: dict[str, list[_Lease]] = {}
         self._export: dict[str, Any] | None = None
         self._stream: Any = None
+        # GPU fills queued on _stream, oldest first: (done event, consumer, reply, request id). The
+        # blocks stay pinned until the copy ends; replies go out in order as the events complete.
+        self._filling: collections.deque = collections.deque()
         if conn.on_gpu and conn.use_cuda_ipc:
             try:
                 self._export = cuda_ipc.export(conn._blocks)
@@ -170,9 +173,25 @@ class _IpcServer(_Server):
 
     def stop(self) -> None:
         super().stop()
+        if self._stream is not None:
+            self._stream.synchronize()
+        while self._filling:
+            self.conn.holds.unpin(self._filling.popleft()[3])
         for ring in self._rings.values():
             ring.close()
         self._rings.clear()
+
+    def _poll_ms(self) -> int:
+        return 0 if self._filling else super()._poll_ms()
+
+    def _after_poll(self) -> None:
+        """Reply for every finished fill; with nothing else to do, wait for the oldest (GIL released)."""
+        if self._filling and not self._filling[0][0].query() and not self.sock.poll(0):
+            self._filling[0][0].synchronize()
+        while self._filling and self._filling[0][0].query():
+            _, ident, reply, rid = self._filling.popleft()
+            self.conn.holds.unpin(rid)
+            self._reply(ident, reply)
 
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
@@ -251,21 +270,28 @@ class _IpcServer(_Server):
                 self.conn.holds.unpin(rid)
             self._reply(ident, {"op": "error", "xfer": xfer, "slot": int(msg["slot"]), "msg": why})
             return
-        try:
-            dst = ring.buf[offset:offset + n * bb].view(n, bb)
-            blocks = self.conn._blocks
-            if blocks.is_cuda:
-                if self._stream is None:
-                    self._stream = torch.cuda.Stream(blocks.device)
-                with torch.cuda.stream(self._stream):
-                    _gather(dst, blocks, ids)
-                self._stream.synchronize()
-            else:
+        reply = {"op": "filled", "xfer": xfer, "slot": int(msg["slot"])}
+        dst, blocks = ring.buf[offset:offset + n * bb].view(n, bb), self.conn._blocks
+        if not blocks.is_cuda:
+            try:
                 _gather(dst, blocks, ids)
-        finally:
+            finally:
+                self.conn.holds.unpin(rid)
+            self.conn.count("bytes_sent", n * bb)
+            self._reply(ident, reply)
+            return
+        try:  # queued behind the fills before it: the copy engine never waits for a round trip
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(blocks.device)
+            with torch.cuda.stream(self._stream):
+                _gather(dst, blocks, ids)
+                done = torch.cuda.Event()
+                done.record()
+        except BaseException:
             self.conn.holds.unpin(rid)
+            raise
+        self._filling.append((done, ident, reply, rid))
         self.conn.count("bytes_sent", n * bb)
-        self._reply(ident, {"op": "filled", "xfer": xfer, "slot": int(msg["slot"])})
 
 
 @dataclass
@@ -288,6 +314,27 @@ class _IpcClient(_Client):
         self._rings: dict[tuple[str, int], _PeerRing] = {}  # IO thread only
         self._maps: dict[tuple[str, int], cuda_ipc.Mapping] = {}
         self._no_ipc: set[tuple[str, int]] = set()  # producers whose export did not map here
+        # H2D drains queued on the copy stream, oldest first: (done event, peer key, slot, xfer, n).
+        # A slot goes back to the producer, and a load is done, only once its copies have ended.
+        self._draining: collections.deque = collections.deque()
+
+    def cancel(self, request_id: str) -> None:
+        super().cancel(request_id)  # no drain is queued for it from here on...
+        if self.conn._copy_stream is not None:
+            self.conn._copy_stream.synchronize()  # ...and the queued ones have landed: abort may return
+
+    def _poll_ms(self) -> int:
+        return 0 if self._draining else super()._poll_ms()
+
+    def _after_poll(self) -> None:
+        if self._draining and not self._draining[0][0].query() and not self._any_ready():
+            self._draining[0][0].synchronize()
+        while self._draining and self._draining[0][0].query():
+            _, key, slot, x, n = self._draining.popleft()
+            self._drained(key, slot, x, n)
+
+    def _any_ready(self) -> bool:
+        return bool(self._wake_rx.poll(0)) or any(p.sock.poll(0) for p in self._peers.values())
 
     def _read_message(self, x: _Xfer) -> dict[str, Any]:
         key = (x.load.remote_host, x.load.remote_port)
@@ -407,29 +454,48 @@ class _IpcClient(_Client):
                                     "offset": slot * ring.slot_bytes}).encode())
 
     def _on_filled(self, p: _Peer, slot: int, x: _Xfer | None, error: str | None) -> None:
-        ring = self._rings.get(self._key(p))
+        key = self._key(p)
+        ring = self._rings.get(key)
         if ring is None or slot not in ring.inflight:
             return
         sx, pos, n = ring.inflight.pop(slot)
         bb = self.conn.wire_layout["block_bytes"]
-        try:
-            if error is not None and x is sx and x.id in p.xfers:
-                self._fail(p, x, f"producer {p.name} refused a fill: {error}")
-            elif x is sx and x.id in p.xfers:
-                with self._write_lock:
-                    if x.cancelled:
-                        del p.xfers[x.id]
-                    else:
-                        src = ring.seg.buf[slot * ring.slot_bytes:slot * ring.slot_bytes + n * bb].view(n, bb)
-                        self.conn.write_blocks(x.local_ids[pos:pos + n], src if self.conn.on_gpu else src.numpy())
-                        x.got += n
-        finally:
-            ring.free.append(slot)  # written out (or dropped): the producer may fill it again
-        if x is sx and x.id in p.xfers and x.got == x.load.count:
-            self._finish(p, x, x.load.count * bb)
+        live = x is sx and x.id in p.xfers
+        if error is not None and live:
+            self._fail(p, x, f"producer {p.name} refused a fill: {error}")
+        elif live:
+            with self._write_lock:
+                if x.cancelled:
+                    del p.xfers[x.id]
+                else:
+                    src = ring.seg.buf[slot * ring.slot_bytes:slot * ring.slot_bytes + n * bb].view(n, bb)
+                    if self.conn.on_gpu:  # queued: the next slot's copy starts while this one runs
+                        try:
+                            self.conn.write_blocks(x.local_ids[pos:pos + n], src, wait=False)
+                            done = torch.cuda.Event()
+                            done.record(self.conn._copy_stream)
+                        except BaseException:
+                            ring.free.append(slot)
+                            raise
+                        self._draining.append((done, key, slot, x, n))
+                        return
+                    self.conn.write_blocks(x.local_ids[pos:pos + n], src.numpy())
+        self._drained(key, slot, x if live else None, n)
+
+    def _drained(self, key: tuple[str, int], slot: int, x: _Xfer | None, n: int) -> None:
+        """Slot ``slot`` is free again; ``n`` more blocks of ``x`` (if still live) are in place."""
+        ring, p = self._rings.get(key), self._peers.get(key)
+        if ring is None or p is None:
+            return
+        ring.free.append(slot)
+        if x is not None and x.id in p.xfers and not x.cancelled:
+            x.got += n
+            if x.got == x.load.count:
+                self._finish(p, x, x.load.count * self.conn.wire_layout["block_bytes"])
         self._pump(p, ring)
 
     def _close_peer(self, key: tuple[str, int], linger: int) -> None:
+        self._draining = collections.deque(d for d in self._draining if d[1] != key)  # synced below
         ring, m = self._rings.pop(key, None), self._maps.pop(key, None)
         if ring is not None and linger > 0 and key in self._peers:
             self._peers[key].sock.send(json.dumps({"op": "detach"}).encode())

@@ -134,10 +134,18 @@ class _Server(threading.Thread):
         self._stop_event.set()
         self.join()
 
+    def _poll_ms(self) -> int:
+        return _POLL_MS
+
+    def _after_poll(self) -> None:
+        """Each turn of the loop, messages or not (a subclass finishes asynchronous work here)."""
+
     def run(self) -> None:
         try:
             while not self._stop_event.is_set():
-                if not self.sock.poll(_POLL_MS):
+                ready = self.sock.poll(self._poll_ms())
+                self._after_poll()
+                if not ready:
                     continue
                 while True:
                     try:
@@ -273,7 +281,7 @@ class _Client(threading.Thread):
                 poller.register(self._wake_rx, zmq.POLLIN)
                 for p in self._peers.values():
                     poller.register(p.sock, zmq.POLLIN)
-                ready = dict(poller.poll(int(min(_POLL_MS, self.conn.recv_timeout_s * 250))))
+                ready = dict(poller.poll(self._poll_ms()))
                 if self._wake_rx in ready:
                     while self._wake_rx.poll(0):
                         self._wake_rx.recv()
@@ -281,11 +289,18 @@ class _Client(threading.Thread):
                 for p in list(self._peers.values()):
                     if p.sock in ready:
                         self._drain(p)
+                self._after_poll()
                 self._check_peers()
         finally:
             for key in list(self._peers):
                 self._close_peer(key, linger=0)
             self._wake_rx.close(linger=0)
+
+    def _poll_ms(self) -> int:
+        return int(min(_POLL_MS, self.conn.recv_timeout_s * 250))
+
+    def _after_poll(self) -> None:
+        """Each turn of the loop, messages or not (a subclass finishes asynchronous work here)."""
 
     def _peer(self, key: tuple[str, int]) -> _Peer:
         p = self._peers.get(key)
