@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +54,7 @@ import torch
 
 from kv_connector import cuda_ipc
 from kv_connector.base import KVTransferConfig
-from kv_connector.handoff import layout_mismatch
+from kv_connector.handoff import MAX_RUN_COPIES, layout_mismatch, run_bounds
 from kv_connector.shm_segment import ShmSegment
 from kv_connector.zmq_connector import ZmqConnector, _Client, _Peer, _Server, _Xfer
 
@@ -79,19 +80,18 @@ def _is_run(ids: np.ndarray) -> bool:
     return len(ids) == 1 or bool(np.all(np.diff(ids) == 1))
 
 
-def _gather(dst: torch.Tensor, blocks: torch.Tensor, ids: list[int], max_runs: int = 64) -> None:
+def _gather(dst: torch.Tensor, blocks: torch.Tensor, ids: list[int]) -> None:
     """``dst[:] = blocks[ids]``: one copy per run of consecutive ids (each a DMA, or a multi-threaded
     memcpy on the host) when they are few; else one gather (on the GPU first: one DMA, not one per block)."""
     a = np.asarray(ids, dtype=np.int64)
-    starts = np.flatnonzero(np.diff(a, prepend=a[0] - 2) != 1)
-    if len(starts) > max_runs:
-        if blocks.is_cuda:
-            dst.copy_(blocks[torch.from_numpy(a).to(blocks.device)], non_blocking=True)
-        else:
-            torch.index_select(blocks, 0, torch.from_numpy(a), out=dst)
-        return
-    for s, e in zip(starts, np.append(starts[1:], len(a))):
-        dst[s:e].copy_(blocks[a[s]:a[s] + e - s], non_blocking=True)
+    starts, ends = run_bounds(a)
+    if len(starts) <= MAX_RUN_COPIES:
+        for s, e in zip(starts, ends):
+            dst[s:e].copy_(blocks[a[s]:a[s] + e - s], non_blocking=True)
+    elif blocks.is_cuda:  # the index goes up pinned: a pageable copy would wait for the stream's queue
+        dst.copy_(blocks[torch.from_numpy(a).pin_memory().to(blocks.device, non_blocking=True)], non_blocking=True)
+    else:
+        torch.index_select(blocks, 0, torch.from_numpy(a), out=dst)
 
 
 def copy_rows(dst: torch.Tensor, dst_ids: np.ndarray, src: torch.Tensor, src_ids: np.ndarray) -> None:
@@ -317,6 +317,7 @@ class _IpcClient(_Client):
         # H2D drains queued on the copy stream, oldest first: (done event, peer key, slot, xfer, n).
         # A slot goes back to the producer, and a load is done, only once its copies have ended.
         self._draining: collections.deque = collections.deque()
+        self._on_ring: weakref.WeakSet[_Xfer] = weakref.WeakSet()  # transfers whose chunks are queued
 
     def cancel(self, request_id: str) -> None:
         super().cancel(request_id)  # no drain is queued for it from here on...
@@ -336,10 +337,20 @@ class _IpcClient(_Client):
     def _any_ready(self) -> bool:
         return bool(self._wake_rx.poll(0)) or any(p.sock.poll(0) for p in self._peers.values())
 
+    def _wants_ipc(self, key: tuple[str, int]) -> bool:
+        return self.conn.on_gpu and self.conn.use_cuda_ipc and key not in self._no_ipc
+
     def _read_message(self, x: _Xfer) -> dict[str, Any]:
-        key = (x.load.remote_host, x.load.remote_port)
-        ipc = self.conn.on_gpu and self.conn.use_cuda_ipc and key not in self._no_ipc
+        ipc = self._wants_ipc((x.load.remote_host, x.load.remote_port))
         return {**super()._read_message(x), "host": self.conn.machine, "ipc": ipc, "pid": os.getpid()}
+
+    def _after_read(self, p: _Peer, x: _Xfer) -> None:
+        """With a ring already attached, the fills follow the read at once: the producer takes them
+        in order, and refuses them, each with its slot, if it refuses the read."""
+        key = self._key(p)
+        ring = self._rings.get(key)
+        if ring is not None and ring.attached and not self._wants_ipc(key):
+            self._start_ring(p, x)
 
     def _key(self, p: _Peer) -> tuple[str, int]:
         return next(k for k, v in self._peers.items() if v is p)
@@ -381,7 +392,7 @@ class _IpcClient(_Client):
             return
         if op == "accept" and msg.get("mode") == "cuda_ipc" and self._copy_ipc(p, x, msg):
             return
-        if op == "accept":
+        if op == "accept" and x not in self._on_ring:
             self._start_ring(p, x)
 
     def _copy_ipc(self, p: _Peer, x: _Xfer, msg: dict[str, Any]) -> bool:
@@ -438,7 +449,9 @@ class _IpcClient(_Client):
                 return
             ring = self._rings[key] = _PeerRing(seg, slot_bytes, free=list(range(self.conn.ring_slots)))
             p.sock.send(json.dumps({"op": "attach", "name": seg.name, "nbytes": seg.nbytes}).encode())
-        per_slot = ring.slot_bytes // bb
+        self._on_ring.add(x)
+        # At least one chunk per slot, so that even a small load keeps both copy directions busy.
+        per_slot = min(ring.slot_bytes // bb, max(1, -(-x.load.count // self.conn.ring_slots)))
         ring.waiting.extend((x, pos, min(per_slot, x.load.count - pos)) for pos in range(0, x.load.count, per_slot))
         self._pump(p, ring)
 

@@ -323,8 +323,12 @@ class _Client(threading.Thread):
                     p.last_heard = time.monotonic()  # the silence clock starts with our first ask
                 p.xfers[a.id] = a
                 p.sock.send(json.dumps(self._read_message(a)).encode())
+                self._after_read(p, a)
             elif kind == "send":
                 self._peer(a).sock.send(json.dumps(b).encode())
+
+    def _after_read(self, p: _Peer, x: _Xfer) -> None:
+        """A read for ``x`` has just gone out (a subclass may start more without waiting for accept)."""
 
     def _read_message(self, x: _Xfer) -> dict[str, Any]:
         load = x.load
