@@ -59,17 +59,6 @@ def layout_mismatch(here: dict[str, Any], there: dict[str, Any], there_name: str
     return "KV layout mismatch: " + ", ".join(diffs)
 
 
-# Up to this many runs of consecutive blocks move as one copy each (each a DMA for a device
-# cache); more go through one gather or scatter kernel instead.
-MAX_RUN_COPIES = 64
-
-
-def run_bounds(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, ends): positions in ``ids`` of each run of consecutive ids."""
-    starts = np.flatnonzero(np.diff(ids, prepend=ids[0] - 2) != 1)
-    return starts, np.append(starts[1:], len(ids))
-
-
 @dataclass
 class Load:
     """One consumer pull: remote blocks [first, first + count) of a held request → local_block_ids."""
@@ -240,13 +229,11 @@ class HandoffConnector(KVConnectorBase):
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self._blocks.device)
         src_t = torch.from_numpy(src) if isinstance(src, np.ndarray) else src
-        starts, ends = run_bounds(np.asarray(local_ids))
         with torch.cuda.stream(self._copy_stream):
-            if len(starts) <= MAX_RUN_COPIES:  # one DMA per run, straight from the (pinned) source
-                for s, e in zip(starts, ends):
-                    a = int(local_ids[s])
-                    self._blocks[a:a + e - s].copy_(src_t[s:e], non_blocking=True)
-            else:  # the index goes up pinned too: a pageable copy would wait for this stream's queue
+            if n == 1 or bool(np.all(np.diff(local_ids) == 1)):  # one DMA straight from the (pinned) source
+                self._blocks[int(local_ids[0]):int(local_ids[0]) + n].copy_(src_t, non_blocking=True)
+            else:  # one DMA, one scatter: a DMA per block costs more; the index goes up pinned, because
+                # a pageable copy would wait for everything queued on this stream
                 dev = self._blocks.device
                 idx = torch.from_numpy(np.ascontiguousarray(local_ids, dtype=np.int64)).pin_memory()
                 self._blocks.index_copy_(0, idx.to(dev, non_blocking=True), src_t.to(dev, non_blocking=True))

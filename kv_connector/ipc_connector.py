@@ -54,7 +54,7 @@ import torch
 
 from kv_connector import cuda_ipc
 from kv_connector.base import KVTransferConfig
-from kv_connector.handoff import MAX_RUN_COPIES, layout_mismatch, run_bounds
+from kv_connector.handoff import layout_mismatch
 from kv_connector.shm_segment import ShmSegment
 from kv_connector.zmq_connector import ZmqConnector, _Client, _Peer, _Server, _Xfer
 
@@ -81,17 +81,22 @@ def _is_run(ids: np.ndarray) -> bool:
 
 
 def _gather(dst: torch.Tensor, blocks: torch.Tensor, ids: list[int]) -> None:
-    """``dst[:] = blocks[ids]``: one copy per run of consecutive ids (each a DMA, or a multi-threaded
-    memcpy on the host) when they are few; else one gather (on the GPU first: one DMA, not one per block)."""
+    """``dst[:] = blocks[ids]``. A device cache: one DMA, after a gather kernel unless the ids are a run
+    (a DMA per block costs more); the index goes up pinned, as a pageable copy would wait for
+    everything queued on the stream. A host cache: one copy per run while runs are few (each a
+    multi-threaded memcpy), else one gather."""
     a = np.asarray(ids, dtype=np.int64)
-    starts, ends = run_bounds(a)
-    if len(starts) <= MAX_RUN_COPIES:
-        for s, e in zip(starts, ends):
-            dst[s:e].copy_(blocks[a[s]:a[s] + e - s], non_blocking=True)
-    elif blocks.is_cuda:  # the index goes up pinned: a pageable copy would wait for the stream's queue
+    if a[-1] - a[0] == len(a) - 1:  # strictly increasing: a run
+        dst.copy_(blocks[a[0]:a[0] + len(a)], non_blocking=True)
+    elif blocks.is_cuda:
         dst.copy_(blocks[torch.from_numpy(a).pin_memory().to(blocks.device, non_blocking=True)], non_blocking=True)
     else:
-        torch.index_select(blocks, 0, torch.from_numpy(a), out=dst)
+        starts = np.flatnonzero(np.diff(a, prepend=a[0] - 2) != 1)
+        if len(starts) > 64:
+            torch.index_select(blocks, 0, torch.from_numpy(a), out=dst)
+            return
+        for s, e in zip(starts, np.append(starts[1:], len(a))):
+            dst[s:e].copy_(blocks[a[s]:a[s] + e - s])
 
 
 def copy_rows(dst: torch.Tensor, dst_ids: np.ndarray, src: torch.Tensor, src_ids: np.ndarray) -> None:
