@@ -11,7 +11,9 @@ host memory reached a GPU only over TCP (< 1 GB/s; docs/BENCHMARKS.md). This con
 - **ring** (either cache in host memory, or CUDA IPC unavailable): the consumer owns a shared,
   pinned ring of ``ring_slots`` × ``ring_slot_bytes`` (``shm_segment``); it asks the producer to
   fill a slot with a chunk of blocks (a D2H copy for a GPU cache), copies the filled slot into its
-  cache (an H2D copy) and hands the slot back. Slots in flight overlap the two copies.
+  cache (an H2D copy) and hands the slot back. Both sides queue their copies on a CUDA stream and
+  report each by event, so with a load split over every slot D2H and H2D run back to back; once a
+  ring is attached, a load's fills follow its read without waiting for the accept.
 
 Wire (zmq; JSON, nothing pickled; "read"/"done"/"release" as in ``zmq_connector``):
 
@@ -126,7 +128,7 @@ class IpcConnector(ZmqConnector):
     def __init__(self, config: KVTransferConfig) -> None:
         super().__init__(config)
         self.use_cuda_ipc = bool(config.extra("cuda_ipc", True))
-        # 8 x 32 MiB: the best of 4 x 16, 4 x 64 and 8 x 32 MiB through host memory on an H200 (BENCHMARKS.md).
+        # 8 x 32 MiB: the best ring tried through host memory on an H200 (docs/BENCHMARKS.md).
         self.ring_slots = max(1, int(config.extra("ring_slots", 8)))
         self.ring_slot_bytes = int(config.extra("ring_slot_bytes", 32 << 20))
         self.lease_s = float(config.extra("lease_s", 30.0))
