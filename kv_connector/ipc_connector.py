@@ -165,6 +165,9 @@ class _IpcServer(_Server):
     def __init__(self, conn: IpcConnector) -> None:
         super().__init__(conn)
         self._rings: dict[bytes, ShmSegment] = {}  # consumer identity -> its mapped ring
+        # A consumer closes a connection idle for peer_idle_s (and says detach); a ring unused for
+        # twice that belongs to a consumer that died, and is unmapped.
+        self._ring_used: dict[bytes, float] = {}
         self._leases: dict[str, list[_Lease]] = {}
         self._export: dict[str, Any] | None = None
         self._stream: Any = None
@@ -184,15 +187,18 @@ class _IpcServer(_Server):
             self._stream.synchronize()
         while self._filling:
             self.conn.holds.unpin(self._filling.popleft()[3])
-        for ring in self._rings.values():
-            ring.close()
-        self._rings.clear()
+        for ident in list(self._rings):
+            self._drop_ring(ident)
 
     def _poll_ms(self) -> int:
         return 0 if self._filling else super()._poll_ms()
 
     def _after_poll(self) -> None:
         """Reply for every finished fill; with nothing else to do, wait for the oldest (GIL released)."""
+        now = time.monotonic()
+        for ident in [i for i, t in self._ring_used.items() if now - t > 2 * self.conn.peer_idle_s]:
+            if not any(f[1] == ident for f in self._filling):
+                self._drop_ring(ident)
         if self._filling and not self._filling[0][0].query() and not self.sock.poll(0):
             self._filling[0][0].synchronize()
         while self._filling and self._filling[0][0].query():
@@ -214,9 +220,7 @@ class _IpcServer(_Server):
             elif op == "attach":
                 self._attach(ident, msg)
             elif op == "detach":
-                ring = self._rings.pop(ident, None)
-                if ring is not None:
-                    ring.close()
+                self._drop_ring(ident)
             elif op in ("done", "release"):
                 rid = str(msg["request_id"])
                 if self.conn.holds.release(rid, op) and op == "release":
@@ -252,12 +256,19 @@ class _IpcServer(_Server):
         self.conn.holds.unpin(rid, trackers)
         self._reply(ident, reply)
 
+    def _drop_ring(self, ident: bytes) -> None:
+        self._ring_used.pop(ident, None)
+        ring = self._rings.pop(ident, None)
+        if ring is not None:
+            if self._stream is not None:
+                self._stream.synchronize()
+            ring.close()
+
     def _attach(self, ident: bytes, msg: dict[str, Any]) -> None:
-        old = self._rings.pop(ident, None)
-        if old is not None:
-            old.close()
+        self._drop_ring(ident)
         try:
             self._rings[ident] = ShmSegment.open(str(msg["name"]), int(msg["nbytes"]), pin=self.conn.on_gpu)
+            self._ring_used[ident] = time.monotonic()
         except (OSError, ValueError, RuntimeError) as e:
             self._reply(ident, {"op": "attach_failed", "msg": (
                 f"producer could not map the consumer's shared ring {msg['name']!r}: {e} (both engines need "
@@ -268,6 +279,8 @@ class _IpcServer(_Server):
     def _fill(self, ident: bytes, msg: dict[str, Any]) -> None:
         xfer, rid, n = int(msg["xfer"]), str(msg["request_id"]), int(msg["n"])
         ring = self._rings.get(ident)
+        if ring is not None:
+            self._ring_used[ident] = time.monotonic()
         bb = self.conn.wire_layout["block_bytes"]
         offset = int(msg["offset"])
         ids = self.conn.holds.pin(rid, int(msg["first"]), n)

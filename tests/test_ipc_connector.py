@@ -8,9 +8,13 @@ tests/test_transport_failures.py; GPU round trips under the ``gpu`` marker there
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +128,58 @@ def test_two_processes_on_one_gpu_move_exact_bytes(extra, memory):
     data = run_two_process(["ipc"], [1 << 20, 64 << 20], repeats=2, extra=extra, device="cuda",
                            producer_memory=memory, shapes=["large", "small"])
     assert data["results"] and all(r.get("bytes_equal") for r in data["results"]), data["results"]
+
+
+def test_a_full_dev_shm_fails_the_load_clearly_and_leaves_nothing(connectors, monkeypatch):
+    def enospc(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    producer = connectors("ipc", "kv_producer", expiry_s=60)
+    consumer = connectors("ipc", "kv_consumer")
+    monkeypatch.setattr(shm_segment.os, "posix_fallocate", enospc)
+    consume(consumer, "d", produce(producer, "p", [5, 6], num_tokens=8), [20, 21])
+    _, _, failed = poll(consumer, lambda s, r, f: f)
+    assert "could not create a 256 MiB shared ring in /dev/shm" in failed["d"] and "shm_size" in failed["d"]
+    poll(producer, lambda s, r, f: s, timeout=2)  # released, not left to expire
+    assert_clean(producer, consumer)
+    assert consumer.stats()["rings"] == 0 and _ours() == []
+
+
+_CONSUMER = """
+import json, sys, time, torch
+from kv_connector import KVTransferConfig, create_connector
+from tests.test_kv_connector import consume
+params, layout, n = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+conn = create_connector(KVTransferConfig(kv_connector="ipc", kv_role="kv_consumer",
+                                         kv_connector_extra_config={"ring_slots": 2, "ring_slot_bytes": 1 << 20}))
+shape = (n + 1, layout["num_layers"], 2, layout["block_size"], layout["num_kv_heads"], layout["head_dim"])
+conn.register_kv_cache(torch.zeros(shape), layout)
+consume(conn, "d", params, list(range(1, n + 1)))
+time.sleep(120)
+"""
+
+
+def test_a_consumer_killed_mid_load_leaves_the_producer_nothing(connectors):
+    """The producer unmaps a dead consumer's ring (2 × peer_idle_s unused), its held blocks expire,
+    and nothing of either is left in /dev/shm."""
+    n = 256  # 256 blocks of 64 KiB through two 1 MiB slots: 1,024 fills, far longer than the kill takes
+    layout = {"block_size": 16, "num_layers": 4, "num_kv_heads": 8, "head_dim": 32}
+    producer = connectors("ipc", "kv_producer", num_blocks=n + 1, layout=layout, expiry_s=3, peer_idle_s=0.5)
+    params = produce(producer, "p", list(range(1, n + 1)), num_tokens=n * 16)
+    full = {**producer.wire_layout}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _CONSUMER, json.dumps(params), json.dumps(full), str(n)], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while producer.stats()["rings"] == 0 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert producer.stats()["rings"] == 1, "the consumer never attached its ring"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        sent, _, _ = poll(producer, lambda s, r, f: s and producer.stats()["rings"] == 0, timeout=10)
+        assert sent == {"p"} and producer.stats()["rings"] == 0, producer.stats()
+        assert_clean(producer)
+        assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"kvfabric-{proc.pid}-")]
+    finally:
+        proc.kill()
+        proc.wait()
