@@ -130,7 +130,9 @@ def make_connector(name: str, role: str, layout: dict, num_blocks: int, extra: d
                    pinned: bool = False):
     c = create_connector(KVTransferConfig(kv_connector=name, kv_role=role, kv_connector_extra_config=extra))
     shape = (num_blocks, layout["num_layers"], 2, layout["block_size"], layout["num_kv_heads"], layout["head_dim"])
-    cache = torch.zeros(shape, dtype=torch.bfloat16, device=device, pin_memory=pinned)
+    cache = c.allocate_kv_cache(shape, torch.bfloat16, torch.device(device))  # as the engine asks (ipc: shared)
+    if cache is None:
+        cache = torch.zeros(shape, dtype=torch.bfloat16, device=device, pin_memory=pinned)
     c.register_kv_cache(cache, {**layout, "dtype": "bfloat16", "model_id": "bench"})
     return c
 

@@ -97,7 +97,9 @@ def serve_producer() -> None:
                 fill_pattern(conn.kv_cache)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                _reply({"ok": True, "cache": f"{conn.kv_cache.device}{' pinned' if pinned else ''}"})
+                where = " pinned" if conn.kv_cache.is_pinned() else (" shared" if getattr(conn, "_cache_seg", None)
+                                                                     else "")
+                _reply({"ok": True, "cache": f"{conn.kv_cache.device}{where}"})
             elif op == "hold":
                 _reply({"params": hold(conn, cmd["rid"], cmd["remote"], cmd["block_size"])})
             elif op == "wait_released":

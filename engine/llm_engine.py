@@ -80,7 +80,8 @@ class LLMEngine:
         self.model.use_fused_kernels(config.fused_kernels and self.backend.name == "triton")
         if dcp_group is None:
             self.runner = ModelRunner(self.model, mc, self.backend, num_blocks, bs, self.dtype, self.device,
-                                      self.eos_token_ids)
+                                      self.eos_token_ids,
+                                      kv_connector.allocate_kv_cache if kv_connector is not None else None)
             if self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton":
                 self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
         else:  # eager; the KV manager's blocks are rounds of one block per rank (attention/dcp_backend.py)

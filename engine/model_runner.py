@@ -36,6 +36,7 @@ class ModelRunner:
     def __init__(
         self, model: torch.nn.Module, model_config, backend: AttentionBackend, num_blocks: int,
         block_size: int, dtype: torch.dtype, device: torch.device, eos_token_ids: frozenset[int],
+        allocate_kv_cache=None,
     ) -> None:
         self.model = model
         self.model_config = model_config
@@ -43,7 +44,10 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.eos_token_ids = eos_token_ids
-        self.kv_cache = torch.zeros(kv_cache_shape(model_config, num_blocks, block_size), dtype=dtype, device=device)
+        shape = kv_cache_shape(model_config, num_blocks, block_size)
+        # The connector may place the cache (e.g. a host cache in shared memory its peers map).
+        cache = allocate_kv_cache(shape, dtype, device) if allocate_kv_cache is not None else None
+        self.kv_cache = cache if cache is not None else torch.zeros(shape, dtype=dtype, device=device)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
         self.graphs: DecodeGraphs | None = None

@@ -118,6 +118,12 @@ class KVConnectorBase(ABC):
 
     # ---- worker half ---------------------------------------------------------------------------
 
+    def allocate_kv_cache(self, shape: tuple[int, ...], dtype: torch.dtype,
+                          device: torch.device) -> torch.Tensor | None:
+        """Zeroed memory for the engine's KV cache when this connector needs it somewhere special
+        (``ipc``: a host cache in shared memory that consumers map); None: the engine allocates it."""
+        return None
+
     @abstractmethod
     def register_kv_cache(self, kv_cache: torch.Tensor, layout: dict[str, Any]) -> None:
         """``kv_cache``: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim];

@@ -8,7 +8,11 @@ host memory reached a GPU only over TCP (< 1 GB/s; docs/BENCHMARKS.md). This con
 
 - **cuda_ipc** (both caches on GPUs, two processes): the producer exports its cache once
   (``cuda_ipc.export``); the consumer maps it, copies the blocks (``copy_rows``), says ``done``.
-- **ring** (either cache in host memory, or CUDA IPC unavailable): the consumer owns a shared,
+- **host_ipc** (the producer's cache in host memory, which this connector then allocates in shared
+  memory, ``allocate_kv_cache``): the consumer maps it, pinned, and copies the blocks out (one DMA
+  a run into a GPU), then says ``done``.
+- **ring** (otherwise: CUDA IPC unavailable, a consumer in host memory reading a GPU cache, or
+  ``share_host_cache: false``): the consumer owns a shared,
   pinned ring of ``ring_slots`` × ``ring_slot_bytes`` (``shm_segment``); it asks the producer to
   fill a slot with a chunk of blocks (a D2H copy for a GPU cache), copies the filled slot into its
   cache (an H2D copy) and hands the slot back. Both sides queue their copies on a CUDA stream and
@@ -21,6 +25,8 @@ Wire (zmq; JSON, nothing pickled; "read"/"done"/"release" as in ``zmq_connector`
     {"op": "read", ..., "host", "ipc": bool}          ──▶   layout, host and hold checks
                                 ◀── {"op": "accept", "xfer", "layout", "mode": "cuda_ipc",
                                      "ipc": export, "block_ids", "pinned_until"}   (copy, done)
+                                ◀── {"op": "accept", ..., "mode": "host_ipc", "segment": {"name",
+                                     "nbytes"}, "block_ids", "pinned_until"}       (copy, done)
                                 ◀── {"op": "accept", "xfer", "layout", "mode": "ring"}
     {"op": "attach", "name", "nbytes"}  (once a ring)  ──▶   map the consumer's ring
                                 ◀── {"op": "attached"} | {"op": "attach_failed", "msg"}
@@ -28,15 +34,17 @@ Wire (zmq; JSON, nothing pickled; "read"/"done"/"release" as in ``zmq_connector`
                                 ◀── {"op": "filled", "xfer", "slot"} | {"op": "error", "xfer", "msg"}
     {"op": "detach"}  (closing the peer)               ──▶   unmap the ring
 
-A CUDA IPC reader holds the producer's blocks by lease: the producer keeps them allocated until
+A reader of the producer's memory (CUDA IPC or host) holds its blocks by lease: the producer keeps them allocated until
 ``pinned_until`` (``time.monotonic()`` is one clock for the whole machine) unless ``done`` or
 ``release`` comes first, and the consumer counts a copy that ended after it as failed. A ring
 fill pins its blocks only while the producer copies them. Whichever side dies, nothing stays in
 /dev/shm (the consumer unlinks the ring's name once the producer has mapped it).
 
 Extra config: as ``zmq`` (``expiry_s``, ``recv_timeout_s``, ``peer_idle_s``, ``advertise_host``),
-plus ``cuda_ipc`` (true), ``ring_slots`` (8), ``ring_slot_bytes`` (32 MiB), ``lease_s`` (30). A ring
-takes ``ring_slots × ring_slot_bytes`` of /dev/shm per (consumer, producer) pair, reserved up front.
+plus ``cuda_ipc`` (true), ``share_host_cache`` (true), ``ring_slots`` (8), ``ring_slot_bytes``
+(32 MiB), ``lease_s`` (30). A ring takes ``ring_slots × ring_slot_bytes`` of /dev/shm per (consumer,
+producer) pair, reserved up front; a shared host cache takes its own size (the name is unlinked at
+shutdown, or by the next segment created on the machine if the producer was killed).
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import base64
 import collections
 import json
 import logging
+import math
 import os
 import time
 import weakref
@@ -55,7 +64,7 @@ import numpy as np
 import torch
 
 from kv_connector import cuda_ipc
-from kv_connector.base import KVTransferConfig
+from kv_connector.base import KVConnectorRole, KVTransferConfig
 from kv_connector.handoff import layout_mismatch
 from kv_connector.shm_segment import ShmSegment
 from kv_connector.zmq_connector import ZmqConnector, _Client, _Peer, _Server, _Xfer
@@ -69,13 +78,19 @@ def machine_id() -> str:
         return f.read().strip()
 
 
+# Up to this many stretches of consecutive blocks move as one copy each where host memory is
+# involved (a DMA into a GPU, a memcpy on the host); more take one gather on the host, which runs
+# at CPU speed. A Python call per copy costs a few microseconds: 4,096 DMAs ~ 20 ms, 1 GB at 55 GB/s.
+_MAX_COPIES, _MAX_DMAS = 256, 4096
+
+
 def _pack_ids(ids: list[int]) -> str:
     """Block ids for JSON: base64 of int64 (a 1 GB load of 16 KiB blocks names 65,536 of them)."""
     return base64.b64encode(np.asarray(ids, dtype=np.int64).tobytes()).decode()
 
 
 def _unpack_ids(s: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(s), dtype=np.int64)
+    return np.frombuffer(base64.b64decode(s), dtype=np.int64).copy()  # writable: torch wraps it
 
 
 def _is_run(ids: np.ndarray) -> bool:
@@ -94,20 +109,45 @@ def _gather(dst: torch.Tensor, blocks: torch.Tensor, ids: list[int]) -> None:
         dst.copy_(blocks[torch.from_numpy(a).pin_memory().to(blocks.device, non_blocking=True)], non_blocking=True)
     else:
         starts = np.flatnonzero(np.diff(a, prepend=a[0] - 2) != 1)
-        if len(starts) > 64:
-            torch.index_select(blocks, 0, torch.from_numpy(a), out=dst)
+        if len(starts) > _MAX_COPIES:
+            dst.numpy()[...] = blocks.numpy()[a]
             return
         for s, e in zip(starts, np.append(starts[1:], len(a))):
             dst[s:e].copy_(blocks[a[s]:a[s] + e - s])
 
 
+def _pair_runs(dst_ids: np.ndarray, src_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the stretches that are runs of consecutive ids on both sides."""
+    cuts = np.flatnonzero((np.diff(dst_ids) != 1) | (np.diff(src_ids) != 1)) + 1
+    return np.r_[0, cuts], np.r_[cuts, len(dst_ids)]
+
+
 def copy_rows(dst: torch.Tensor, dst_ids: np.ndarray, src: torch.Tensor, src_ids: np.ndarray) -> None:
-    """``dst[dst_ids] = src[src_ids]`` on rows of bytes (``src``: a peer's mapped cache). Runs on both
-    sides are one memcpy; otherwise a gather kernel (straight into the destination when that is a
-    run), then a scatter. Across GPUs the gather runs where the rows are, then one copy over the link."""
+    """``dst[dst_ids] = src[src_ids]`` on rows of bytes (``src``: a peer's mapped cache).
+
+    GPU to GPU: a memcpy when both sides are one run; else a gather kernel (straight into the
+    destination when that is a run), then a scatter; from another GPU the gather runs where the rows
+    are, then one copy over the link. With host memory on either side: one copy per stretch that is
+    a run on both sides (a DMA into a GPU, a multi-threaded memcpy on the host; torch's CPU index
+    kernels are several times slower), or, past ``_MAX_DMAS`` / ``_MAX_COPIES`` of them, one gather
+    on the host."""
+    n, a = len(dst_ids), int(dst_ids[0])
+    if not (src.is_cuda and dst.is_cuda):
+        starts, ends = _pair_runs(dst_ids, src_ids)
+        if len(starts) <= (_MAX_DMAS if dst.is_cuda else _MAX_COPIES):
+            for s0, e0 in zip(starts, ends):
+                d0, r0 = int(dst_ids[s0]), int(src_ids[s0])
+                dst[d0:d0 + e0 - s0].copy_(src[r0:r0 + e0 - s0], non_blocking=True)
+        elif dst.is_cuda:
+            rows = torch.empty((n, src.shape[1]), dtype=src.dtype, pin_memory=True)
+            rows.numpy()[...] = src.numpy()[src_ids]
+            dst.index_copy_(0, torch.from_numpy(dst_ids).pin_memory().to(dst.device, non_blocking=True),
+                            rows.to(dst.device, non_blocking=True))
+        else:
+            dst.numpy()[dst_ids] = src.cpu().numpy()[src_ids]
+        return
     wide = torch.int64 if dst.shape[1] % 8 == 0 else torch.uint8
     dst, src = dst.view(wide), src.view(wide)
-    n, a = len(dst_ids), int(dst_ids[0])
     d_run, s_run = _is_run(dst_ids), _is_run(src_ids)
     if s_run:
         rows = src[int(src_ids[0]):int(src_ids[0]) + n]
@@ -132,7 +172,35 @@ class IpcConnector(ZmqConnector):
         self.ring_slots = max(1, int(config.extra("ring_slots", 8)))
         self.ring_slot_bytes = int(config.extra("ring_slot_bytes", 32 << 20))
         self.lease_s = float(config.extra("lease_s", 30.0))
+        self.share_host_cache = bool(config.extra("share_host_cache", True))
         self.machine = machine_id()
+        self._cache_seg: ShmSegment | None = None  # a host KV cache that consumers map
+
+    def allocate_kv_cache(self, shape: tuple[int, ...], dtype: torch.dtype,
+                          device: torch.device) -> torch.Tensor | None:
+        """A producer's host cache goes in shared memory: consumers then copy straight out of it (one
+        DMA a run into a GPU), with no copy into the ring on this side."""
+        if device.type != "cpu" or self.role == KVConnectorRole.CONSUMER or not self.share_host_cache:
+            return None
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        try:
+            self._cache_seg = ShmSegment.create(nbytes, pin=False)
+        except OSError as e:
+            logger.warning("host KV cache not shared (%s): consumers go through the ring", e)
+            return None
+        return self._cache_seg.buf.view(dtype).view(shape)
+
+    def _shared_cache(self) -> dict[str, Any] | None:
+        """The segment consumers map, when the registered cache is the one allocated there."""
+        seg = self._cache_seg
+        if seg is None or self._blocks is None or self._blocks.data_ptr() != seg.buf.data_ptr():
+            return None
+        return {"name": seg.name, "nbytes": seg.nbytes}
+
+    def _stop_transport(self) -> None:
+        super()._stop_transport()
+        if self._cache_seg is not None:
+            self._cache_seg.unlink()  # mapped until the engine lets go of its cache; the name goes now
 
     @property
     def on_gpu(self) -> bool:
@@ -247,11 +315,16 @@ class _IpcServer(_Server):
             return
         reply = {"op": "accept", "xfer": xfer, "layout": self.conn.wire_layout, "mode": "ring"}
         trackers = []
-        if msg.get("ipc") and self._export is not None and msg.get("pid") != os.getpid():  # no IPC to oneself
+        shared = self.conn._shared_cache() if msg.get("map", True) else None
+        if shared is not None:
+            reply.update(mode="host_ipc", segment=shared)
+        elif msg.get("ipc") and self._export is not None and msg.get("pid") != os.getpid():  # no IPC to oneself
+            reply.update(mode="cuda_ipc", ipc=self._export)
+        if reply["mode"] != "ring":  # the consumer copies out of our memory: the blocks stay by lease
             lease = _Lease(time.monotonic() + self.conn.lease_s)
             self._leases.setdefault(rid, []).append(lease)
             trackers.append(lease)
-            reply.update(mode="cuda_ipc", ipc=self._export, block_ids=_pack_ids(ids), pinned_until=lease.until)
+            reply.update(block_ids=_pack_ids(ids), pinned_until=lease.until)
             self.conn.count("bytes_sent", len(ids) * self.conn.wire_layout["block_bytes"])
         self.conn.holds.unpin(rid, trackers)
         self._reply(ident, reply)
@@ -332,8 +405,9 @@ class _IpcClient(_Client):
     def __init__(self, conn: IpcConnector) -> None:
         super().__init__(conn)
         self._rings: dict[tuple[str, int], _PeerRing] = {}  # IO thread only
-        self._maps: dict[tuple[str, int], cuda_ipc.Mapping] = {}
-        self._no_ipc: set[tuple[str, int]] = set()  # producers whose export did not map here
+        self._maps: dict[tuple[str, int], tuple[dict, Any]] = {}  # (export, Mapping or ShmSegment)
+        self._no_ipc: set[tuple[str, int]] = set()  # producers whose memory did not map here
+        self._ring_only: set[tuple[str, int]] = set()  # producers that answered with the ring
         # H2D drains queued on the copy stream, oldest first: (done event, peer key, slot, xfer, n).
         # A slot goes back to the producer, and a load is done, only once its copies have ended.
         self._draining: collections.deque = collections.deque()
@@ -361,15 +435,16 @@ class _IpcClient(_Client):
         return self.conn.on_gpu and self.conn.use_cuda_ipc and key not in self._no_ipc
 
     def _read_message(self, x: _Xfer) -> dict[str, Any]:
-        ipc = self._wants_ipc((x.load.remote_host, x.load.remote_port))
-        return {**super()._read_message(x), "host": self.conn.machine, "ipc": ipc, "pid": os.getpid()}
+        key = (x.load.remote_host, x.load.remote_port)
+        return {**super()._read_message(x), "host": self.conn.machine, "ipc": self._wants_ipc(key),
+                "map": key not in self._no_ipc, "pid": os.getpid()}
 
     def _after_read(self, p: _Peer, x: _Xfer) -> None:
         """With a ring already attached, the fills follow the read at once: the producer takes them
         in order, and refuses them, each with its slot, if it refuses the read."""
         key = self._key(p)
         ring = self._rings.get(key)
-        if ring is not None and ring.attached and not self._wants_ipc(key):
+        if ring is not None and ring.attached and key in self._ring_only:
             self._start_ring(p, x)
 
     def _key(self, p: _Peer) -> tuple[str, int]:
@@ -410,35 +485,47 @@ class _IpcClient(_Client):
         if op == "error" or "layout" in msg and layout_mismatch(self.conn.wire_layout, msg["layout"], p.name):
             super()._on_control(p, msg)
             return
-        if op == "accept" and msg.get("mode") == "cuda_ipc" and self._copy_ipc(p, x, msg):
+        if op != "accept" or x in self._on_ring:  # its fills went out with the read
             return
-        if op == "accept" and x not in self._on_ring:
-            self._start_ring(p, x)
+        if msg.get("mode") in ("cuda_ipc", "host_ipc") and self._copy_ipc(p, x, msg):
+            return
+        if msg.get("mode") == "ring":
+            self._ring_only.add(self._key(p))
+        self._start_ring(p, x)
 
     def _copy_ipc(self, p: _Peer, x: _Xfer, msg: dict[str, Any]) -> bool:
-        """False when the producer's export does not map here: the caller falls back to the ring."""
+        """Copy the blocks straight out of the producer's memory, mapped here: its GPU cache over
+        CUDA IPC, or its host cache in shared memory. False when that memory does not map here: the
+        caller falls back to the ring."""
         key = self._key(p)
-        m = self._maps.get(key)
-        if m is None or m.export != msg["ipc"]:
+        export = msg["ipc"] if msg["mode"] == "cuda_ipc" else msg["segment"]
+        export_now, m = self._maps.get(key, (None, None))
+        if m is None or export_now != export:
             try:
                 if m is not None:
                     m.close()
-                m = self._maps[key] = cuda_ipc.Mapping(msg["ipc"], self.conn._blocks.device)
-            except (RuntimeError, OSError) as e:
                 self._maps.pop(key, None)
+                m = (cuda_ipc.Mapping(export, self.conn._blocks.device) if msg["mode"] == "cuda_ipc" else
+                     ShmSegment.open(export["name"], int(export["nbytes"]), pin=self.conn.on_gpu))
+                self._maps[key] = (export, m)
+            except (RuntimeError, OSError, ValueError) as e:
                 self._no_ipc.add(key)
-                logger.info("CUDA IPC from %s does not map here (%s): using the shared ring", p.name, e)
+                logger.info("%s memory of %s does not map here (%s): using the shared ring", msg["mode"], p.name, e)
                 return False
         bb = self.conn.wire_layout["block_bytes"]
         with self._write_lock:
             if x.cancelled:
                 del p.xfers[x.id]
                 return True
-            stream = self.conn._copy_stream or torch.cuda.Stream(self.conn._blocks.device)
-            self.conn._copy_stream = stream
-            with torch.cuda.stream(stream):
-                copy_rows(self.conn._blocks, x.local_ids, m.buf.view(-1, bb), _unpack_ids(msg["block_ids"]))
-            stream.synchronize()
+            src, remote_ids = m.buf.view(-1, bb), _unpack_ids(msg["block_ids"])
+            if self.conn.on_gpu:
+                stream = self.conn._copy_stream or torch.cuda.Stream(self.conn._blocks.device)
+                self.conn._copy_stream = stream
+                with torch.cuda.stream(stream):
+                    copy_rows(self.conn._blocks, x.local_ids, src, remote_ids)
+                stream.synchronize()
+            else:
+                copy_rows(self.conn._blocks, x.local_ids, src, remote_ids)
         if time.monotonic() >= float(msg["pinned_until"]):
             self._fail(p, x, f"the copy from producer {p.name} outlasted its lease; the blocks may have "
                              "been reused meanwhile")
@@ -529,7 +616,7 @@ class _IpcClient(_Client):
 
     def _close_peer(self, key: tuple[str, int], linger: int) -> None:
         self._draining = collections.deque(d for d in self._draining if d[1] != key)  # synced below
-        ring, m = self._rings.pop(key, None), self._maps.pop(key, None)
+        ring, (_, m) = self._rings.pop(key, None), self._maps.pop(key, (None, None))
         if ring is not None and linger > 0 and key in self._peers:
             self._peers[key].sock.send(json.dumps({"op": "detach"}).encode())
         super()._close_peer(key, linger)

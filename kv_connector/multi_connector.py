@@ -109,6 +109,11 @@ class MultiConnector(KVConnectorBase):
 
     # ---- worker half ----------------------------------------------------------------------------
 
+    def allocate_kv_cache(self, shape: tuple[int, ...], dtype: torch.dtype,
+                          device: torch.device) -> torch.Tensor | None:
+        return next((t for c in self.connectors if (t := c.allocate_kv_cache(shape, dtype, device)) is not None),
+                    None)
+
     def register_kv_cache(self, kv_cache: torch.Tensor, layout: dict[str, Any]) -> None:
         self.kv_cache = kv_cache
         for c in self.connectors:

@@ -40,8 +40,11 @@ def _ours() -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith(f"kvfabric-{os.getpid()}-")]
 
 
+RING = {"share_host_cache": False}  # CPU caches: through the ring, not the producer's shared cache
+
+
 def test_ring_name_is_gone_once_the_producer_maps_it(connectors):
-    producer = connectors("ipc", "kv_producer")
+    producer = connectors("ipc", "kv_producer", **RING)
     consumer = connectors("ipc", "kv_consumer")
     consume(consumer, "d", produce(producer, "p", [5, 6, 7], num_tokens=10), [20, 21, 22])
     _, recved, failed = poll(consumer, lambda s, r, f: r or f)
@@ -54,6 +57,25 @@ def test_ring_name_is_gone_once_the_producer_maps_it(connectors):
     consumer.shutdown()
     producer.shutdown()
     assert consumer.stats()["rings"] == 0 and producer.stats()["rings"] == 0
+
+
+def test_a_host_cache_is_shared_and_read_in_place(connectors):
+    """A producer's host cache lives in shared memory (allocate_kv_cache): the consumer maps it and
+    copies the blocks out, no ring; the name goes at shutdown."""
+    producer = connectors("ipc", "kv_producer")
+    consumer = connectors("ipc", "kv_consumer")
+    seg = producer._cache_seg
+    assert seg is not None and producer.kv_cache.data_ptr() == seg.buf.data_ptr() and os.path.exists(seg.path)
+    consume(consumer, "d", produce(producer, "p", [9, 3, 4, 5], num_tokens=14), [40, 41, 7, 8])
+    _, recved, failed = poll(consumer, lambda s, r, f: r or f)
+    assert recved == {"d"}, failed
+    assert torch.equal(blocks(consumer, [40, 41, 7, 8]), blocks(producer, [9, 3, 4, 5]))
+    s = consumer.stats()
+    assert (s["rings"], s["ipc_mappings"]) == (0, 1), s
+    poll(producer, lambda s, r, f: s)  # the done ends the lease: the blocks are freed at once
+    assert_clean(producer, consumer)
+    producer.shutdown()
+    assert not os.path.exists(seg.path)
 
 
 def test_segments_of_dead_creators_are_swept():
@@ -86,7 +108,7 @@ def test_a_ring_the_producer_cannot_map_fails_clearly(connectors, monkeypatch):
     def no_shared_dev_shm(*a, **k):
         raise FileNotFoundError("No such file or directory")
 
-    producer = connectors("ipc", "kv_producer", expiry_s=60)
+    producer = connectors("ipc", "kv_producer", expiry_s=60, **RING)
     consumer = connectors("ipc", "kv_consumer")
     monkeypatch.setattr(ipc_connector.ShmSegment, "open", no_shared_dev_shm)
     consume(consumer, "d", produce(producer, "p", [5, 6], num_tokens=8), [20, 21])
@@ -134,7 +156,7 @@ def test_a_full_dev_shm_fails_the_load_clearly_and_leaves_nothing(connectors, mo
     def enospc(fd, offset, length):
         raise OSError(28, "No space left on device")
 
-    producer = connectors("ipc", "kv_producer", expiry_s=60)
+    producer = connectors("ipc", "kv_producer", expiry_s=60, **RING)
     consumer = connectors("ipc", "kv_consumer")
     monkeypatch.setattr(shm_segment.os, "posix_fallocate", enospc)
     consume(consumer, "d", produce(producer, "p", [5, 6], num_tokens=8), [20, 21])
@@ -164,7 +186,7 @@ def test_a_consumer_killed_mid_load_leaves_the_producer_nothing(connectors):
     and nothing of either is left in /dev/shm."""
     n = 256  # 256 blocks of 64 KiB through two 1 MiB slots: 1,024 fills, far longer than the kill takes
     layout = {"block_size": 16, "num_layers": 4, "num_kv_heads": 8, "head_dim": 32}
-    producer = connectors("ipc", "kv_producer", num_blocks=n + 1, layout=layout, expiry_s=3, peer_idle_s=0.5)
+    producer = connectors("ipc", "kv_producer", num_blocks=n + 1, layout=layout, expiry_s=3, peer_idle_s=0.5, **RING)
     params = produce(producer, "p", list(range(1, n + 1)), num_tokens=n * 16)
     full = {**producer.wire_layout}
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

@@ -47,7 +47,9 @@ def make_connector(name: str, role: str, num_blocks: int = 64, dtype: torch.dtyp
     layout = {**TINY, **(layout or {}), "dtype": str(dtype).removeprefix("torch.")}
     conn = create_connector(KVTransferConfig(kv_connector=name, kv_role=role, kv_connector_extra_config=extra))
     shape = (num_blocks, layout["num_layers"], 2, layout["block_size"], layout["num_kv_heads"], layout["head_dim"])
-    conn.register_kv_cache(torch.randn(shape).to(dtype), layout)
+    cache = conn.allocate_kv_cache(shape, dtype, torch.device("cpu"))  # where the engine would get it
+    conn.register_kv_cache(torch.randn(shape).to(dtype) if cache is None else cache.copy_(torch.randn(shape)),
+                           layout)
     return conn
 
 
@@ -113,7 +115,7 @@ def assert_clean(*conns) -> None:
 BYTES_CASES = [pytest.param(p.values[0], {}, marks=p.marks, id=p.values[0]) for p in NAMES] + [
     pytest.param("ucx", {"peer_error_handling": False}, marks=NAMES[3].marks, id="ucx-no-peer-errors"),
     # Two slots of two fp32 blocks: a load takes many fills, each slot is reused.
-    pytest.param("ipc", {"ring_slots": 2, "ring_slot_bytes": 2048}, id="ipc-small-ring")]
+    pytest.param("ipc", {"ring_slots": 2, "ring_slot_bytes": 2048, "share_host_cache": False}, id="ipc-small-ring")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -103,8 +103,9 @@ def _start_producer(name: str, layout: dict, extra: dict) -> tuple[subprocess.Po
 # ucx without peer error handling (shared memory allowed): the kill is noticed by recv_timeout_s.
 CASES = [pytest.param(p.values[0], {}, marks=p.marks, id=p.values[0]) for p in NAMES] + [
     pytest.param("ucx", {"peer_error_handling": False}, marks=NAMES[1].marks, id="ucx-no-peer-errors"),
-    # CPU caches: the producer fills the consumer's shared ring 4 MiB at a time, so freezing it stalls the load.
-    pytest.param("ipc", {"ring_slot_bytes": 4 << 20}, id="ipc")]
+    # CPU caches through the ring (not the shared host cache, which the consumer copies by itself):
+    # the producer fills it 4 MiB at a time, so freezing it stalls the load.
+    pytest.param("ipc", {"ring_slot_bytes": 4 << 20, "share_host_cache": False}, id="ipc")]
 
 
 def _shm_segments(*pids: int) -> list[str]:
