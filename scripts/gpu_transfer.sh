@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-machine run for one KV transport (issue 6): its tests (GPU and CPU), then the transfer
 # benchmarks — one process; two processes through host memory on one GPU; two processes on one
-# GPU (CUDA IPC); two processes GPU 0 → GPU 1 where there are two GPUs.
+# GPU (CUDA IPC); two processes GPU 0 → GPU 1 where there are two GPUs; for ipc also its ring on
+# those placements and bench/ipc_copy.py.
 #
 #   bash scripts/gpu_transfer.sh ucx     # needs .whl/ucx  (pyzmq, ucxx-cu13, libucxx-cu13, libucx-cu13)
 #   bash scripts/gpu_transfer.sh nixl    # needs .whl/nixl (pyzmq, nixl-cu13)
@@ -52,8 +53,14 @@ if [ "$T" = ucx ]; then ONE=zmq,inproc,ucx; else ONE=$T; fi
 [ "$T" != ipc ] && bench "${T}_1proc" 70 --connectors "$ONE"  # one process: ipc falls back to its ring
 bench "${T}_2proc_host" 55 --connectors "$T" --processes 2 --producer-memory host --producer-gpu 0 --consumer-gpu 0
 bench "${T}_2proc_gpu0" 35 --connectors "$T" --processes 2 --producer-gpu 0 --consumer-gpu 0
-[ "$T" = ipc ] && bench "${T}_2proc_gpu0_via_host" 45 --connectors "$T" --processes 2 --producer-gpu 0 \
-  --consumer-gpu 0 --through-host
+if [ "$T" = ipc ]; then  # the ring where the runs above read the peer's memory in place
+  bench "${T}_2proc_gpu0_via_host" 45 --connectors "$T" --processes 2 --producer-gpu 0 --consumer-gpu 0 --through-host
+  bench "${T}_2proc_host_ring" 45 --connectors "$T" --processes 2 --producer-memory host --producer-gpu 0 \
+    --consumer-gpu 0 --extra '{"share_host_cache": false}'
+  for C in $(seq 0 $((${NGPU:-1} - 1))); do  # a copy out of a CUDA IPC mapping vs from local memory
+    timeout 60 python3 -m bench.ipc_copy --mb 1024 --consumer-gpu "$C" --out "$OUT/ipc_copy" 2>&1 | tail -1
+  done
+fi
 if [ "${NGPU:-0}" -ge 2 ]; then
   bench "${T}_2proc_gpu0to1" 55 --connectors "$T" --processes 2 --producer-gpu 0 --consumer-gpu 1
 else
