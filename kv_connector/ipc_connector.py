@@ -143,7 +143,8 @@ class IpcConnector(ZmqConnector):
 
 @dataclass(eq=False)
 class _Lease:
-    """Keeps a request's blocks allocated for a CUDA IPC reader (HoldTable tracker)."""
+    """Keeps a request's blocks allocated while a consumer reads them in place (CUDA IPC or the
+    shared host cache): a HoldTable tracker, done at ``done``/``release`` or at ``until``."""
 
     until: float
     finished: bool = False
@@ -326,7 +327,7 @@ class _PeerRing:
 
 
 class _IpcClient(_Client):
-    """The consumer: copies over CUDA IPC, or drives the producer through its ring."""
+    """The consumer: copies out of the producer's mapped memory, or drives it through a ring."""
 
     def __init__(self, conn: IpcConnector) -> None:
         super().__init__(conn)
