@@ -38,7 +38,7 @@ A reader of the producer's memory (CUDA IPC or host) holds its blocks by lease: 
 ``pinned_until`` (``time.monotonic()`` is one clock for the whole machine) unless ``done`` or
 ``release`` comes first, and the consumer counts a copy that ended after it as failed. A ring
 fill pins its blocks only while the producer copies them. Whichever side dies, nothing stays in
-/dev/shm (the consumer unlinks the ring's name once the producer has mapped it).
+/dev/shm (the producer unlinks the ring's name as it maps it).
 
 Extra config: as ``zmq`` (``expiry_s``, ``recv_timeout_s``, ``peer_idle_s``, ``advertise_host``),
 plus ``cuda_ipc`` (true), ``share_host_cache`` (true), ``ring_slots`` (8), ``ring_slot_bytes``
@@ -267,7 +267,9 @@ class _IpcServer(_Server):
     def _attach(self, ident: bytes, msg: dict[str, Any]) -> None:
         self._drop_ring(ident)
         try:
-            self._rings[ident] = ShmSegment.open(str(msg["name"]), int(msg["nbytes"]), pin=self.conn.on_gpu)
+            # Nobody opens it after us: its name goes now, so a consumer killed from here on leaves nothing.
+            self._rings[ident] = ShmSegment.open(str(msg["name"]), int(msg["nbytes"]), pin=self.conn.on_gpu,
+                                                 take_name=True)
             self._ring_used[ident] = time.monotonic()
         except (OSError, ValueError, RuntimeError) as e:
             self._reply(ident, {"op": "attach_failed", "msg": (
@@ -392,7 +394,7 @@ class _IpcClient(_Client):
             ring = self._rings.get(self._key(p))
             if ring is not None:
                 ring.attached = True
-                ring.seg.unlink()  # both map it now: from here nothing outlives the two processes
+                ring.seg.linked = False  # the producer took the name (unlinked it) when it mapped the ring
                 self._pump(p, ring)
             return
         if op == "attach_failed":

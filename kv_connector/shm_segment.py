@@ -1,9 +1,9 @@
 """A POSIX shared-memory segment both engines of one machine map, pinned for DMA where a GPU uses it.
 
-The consumer creates it (``/dev/shm/kvfabric-<pid>-<n>``), the producer maps it by name, and the
-consumer unlinks the name as soon as the producer has it: from then on nothing is left behind
-whichever side dies, the kernel frees the memory with the last mapping. A segment whose creator
-died before that moment is unlinked by the next ``create`` on the machine (its pid is in the name).
+The consumer creates it (``/dev/shm/kvfabric-<pid>-<n>``), the producer maps it by name and unlinks
+the name at once (``open(..., take_name=True)``): from then on nothing is left behind whichever side
+dies, the kernel frees the memory with the last mapping. A segment whose creator died before that
+moment is unlinked by the next ``create`` on the machine (its pid is in the name).
 
 Pinning is ``cudaHostRegister`` on the mapping, so a GPU copies to and from it at the PCIe rate
 with no bounce buffer — the reason this exists: UCX moves a peer's host memory into a GPU only
@@ -91,10 +91,16 @@ class ShmSegment:
         return cls(f"{_PREFIX}{os.getpid()}-{next(_counter)}", nbytes, create=True, pin=pin, directory=directory)
 
     @classmethod
-    def open(cls, name: str, nbytes: int, pin: bool, directory: str = SHM_DIR) -> ShmSegment:
+    def open(cls, name: str, nbytes: int, pin: bool, directory: str = SHM_DIR,
+             take_name: bool = False) -> ShmSegment:
+        """``take_name``: the last process that will ever open it; the name goes now."""
         if not _NAME.match(name):
             raise ValueError(f"not a kvfabric shared segment name: {name!r}")
-        return cls(name, nbytes, create=False, pin=pin, directory=directory)
+        seg = cls(name, nbytes, create=False, pin=pin, directory=directory)
+        if take_name:
+            seg.linked = True
+            seg.unlink()
+        return seg
 
     def unlink(self) -> None:
         if self.linked:
