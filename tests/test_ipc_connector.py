@@ -102,23 +102,6 @@ def test_a_producer_on_another_machine_is_refused(connectors):
     assert_clean(producer, consumer)
 
 
-def test_a_ring_the_producer_cannot_map_fails_clearly(connectors, monkeypatch):
-    from kv_connector import ipc_connector
-
-    def no_shared_dev_shm(*a, **k):
-        raise FileNotFoundError("No such file or directory")
-
-    producer = connectors("ipc", "kv_producer", expiry_s=60, **RING)
-    consumer = connectors("ipc", "kv_consumer")
-    monkeypatch.setattr(ipc_connector.ShmSegment, "open", no_shared_dev_shm)
-    consume(consumer, "d", produce(producer, "p", [5, 6], num_tokens=8), [20, 21])
-    _, _, failed = poll(consumer, lambda s, r, f: f)
-    assert "could not map the consumer's shared ring" in failed["d"] and "ipc: host" in failed["d"]
-    poll(producer, lambda s, r, f: s, timeout=2)
-    assert_clean(producer, consumer)
-    assert consumer.stats()["rings"] == 0 and _ours() == []
-
-
 def test_kvfabric_up_serves_through_ipc(tmp_path, default_model_dir):
     """Prefill and decode as real processes, the KV through shared memory: same text as offline."""
     import openai
@@ -152,16 +135,31 @@ def test_two_processes_on_one_gpu_move_exact_bytes(extra, memory):
     assert data["results"] and all(r.get("bytes_equal") for r in data["results"]), data["results"]
 
 
-def test_a_full_dev_shm_fails_the_load_clearly_and_leaves_nothing(connectors, monkeypatch):
-    def enospc(fd, offset, length):
-        raise OSError(28, "No space left on device")
+def _no_shared_dev_shm(*a, **k):
+    raise FileNotFoundError("No such file or directory")
+
+
+def _dev_shm_full(fd, offset, length):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("where,what,fault,expect", [
+    ("ipc_connector", "ShmSegment.open", _no_shared_dev_shm,  # another IPC namespace
+     ["could not map the consumer's shared ring", "ipc: host"]),
+    ("shm_segment", "os.posix_fallocate", _dev_shm_full,
+     ["could not create a 256 MiB shared ring in /dev/shm", "shm_size"]),
+], ids=["producer-cannot-map", "dev-shm-full"])
+def test_a_ring_that_cannot_be_made_fails_the_load_clearly_and_leaves_nothing(connectors, monkeypatch, where,
+                                                                              what, fault, expect):
+    import importlib
 
     producer = connectors("ipc", "kv_producer", expiry_s=60, **RING)
     consumer = connectors("ipc", "kv_consumer")
-    monkeypatch.setattr(shm_segment.os, "posix_fallocate", enospc)
+    owner, attr = what.rsplit(".", 1)
+    monkeypatch.setattr(getattr(importlib.import_module(f"kv_connector.{where}"), owner), attr, fault)
     consume(consumer, "d", produce(producer, "p", [5, 6], num_tokens=8), [20, 21])
     _, _, failed = poll(consumer, lambda s, r, f: f)
-    assert "could not create a 256 MiB shared ring in /dev/shm" in failed["d"] and "shm_size" in failed["d"]
+    assert all(e in failed["d"] for e in expect), failed["d"]
     poll(producer, lambda s, r, f: s, timeout=2)  # released, not left to expire
     assert_clean(producer, consumer)
     assert consumer.stats()["rings"] == 0 and _ours() == []
