@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from kv_connector.base import KVConnectorBase, KVConnectorRole, KVTransferConfig
+from kv_connector.block_copy import is_run
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +216,8 @@ class HandoffConnector(KVConnectorBase):
     def write_blocks(self, local_ids: np.ndarray, src: torch.Tensor | np.ndarray, wait: bool = True) -> None:
         """Copy ``src`` ([n, block_bytes] uint8) into local blocks ``local_ids``. A device cache copies
         on ``_copy_stream``; ``wait=False`` returns before the copy ends (the caller syncs)."""
-        n = len(local_ids)
+        n, contiguous = len(local_ids), is_run(np.asarray(local_ids))
         if self._blocks_np is not None:
-            contiguous = n == 1 or bool(np.all(np.diff(local_ids) == 1))
             src_np = src.cpu().numpy() if isinstance(src, torch.Tensor) else src
             if contiguous:
                 self._blocks_np[local_ids[0]:local_ids[0] + n] = src_np
@@ -230,7 +230,7 @@ class HandoffConnector(KVConnectorBase):
             self._copy_stream = torch.cuda.Stream(self._blocks.device)
         src_t = torch.from_numpy(src) if isinstance(src, np.ndarray) else src
         with torch.cuda.stream(self._copy_stream):
-            if n == 1 or bool(np.all(np.diff(local_ids) == 1)):  # one DMA straight from the (pinned) source
+            if contiguous:  # one DMA straight from the (pinned) source
                 self._blocks[int(local_ids[0]):int(local_ids[0]) + n].copy_(src_t, non_blocking=True)
             else:  # one DMA, one scatter: a DMA per block costs more; the index goes up pinned, because
                 # a pageable copy would wait for everything queued on this stream
