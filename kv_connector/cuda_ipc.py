@@ -38,6 +38,7 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     rt.cudaIpcGetMemHandle.argtypes = [ctypes.POINTER(_Handle), ctypes.c_void_p]
     rt.cudaIpcOpenMemHandle.argtypes = [ctypes.POINTER(ctypes.c_void_p), _Handle, ctypes.c_uint]
     rt.cudaIpcCloseMemHandle.argtypes = [ctypes.c_void_p]
+    rt.cudaHostGetDevicePointer.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_uint]
     rt.cudaGetErrorString.argtypes = [ctypes.c_int]
     rt.cudaGetLastError.argtypes = []
     rt.cudaGetErrorString.restype = ctypes.c_char_p

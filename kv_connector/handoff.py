@@ -72,6 +72,7 @@ class Load:
     remote_request_id: str
     first: int
     count: int
+    params: dict[str, Any] | None = field(default=None, repr=False)  # the request's kv_transfer_params
 
 
 @dataclass
@@ -282,7 +283,7 @@ class HandoffConnector(KVConnectorBase):
             return
         self._unstarted[rid] = Load(rid, list(block_ids[skip:skip + count]), params["remote_engine_id"],
                                     params["remote_host"], int(params["remote_port"]),
-                                    params["remote_request_id"], skip, count)
+                                    params["remote_request_id"], skip, count, params)
 
     def build_connector_meta(self, scheduled: dict[str, int]) -> HandoffMeta:
         # Loads stay here until start_load_kv takes them, so a step that skips the call loses none.

@@ -4,7 +4,11 @@ UCX and NIXL reach a peer's memory on the same machine, but not at the machine's
 READ over UCX's ``cuda_ipc`` moved 139-164 GB/s between two processes on one H200, where a plain
 copy out of the same CUDA IPC mapping runs at ~2 TB/s (``bench/ipc_copy.py``), and a peer's pinned
 host memory reached a GPU only over TCP (< 1 GB/s; docs/BENCHMARKS.md). This connector keeps the
-``zmq`` connector's control plane (same sockets, hold table, time-outs) and moves the bytes itself:
+``zmq`` connector's control plane (same sockets, hold table, time-outs) and moves the bytes itself.
+Where the producer's memory maps here the consumer reads it **one-sided** (``ipc_direct``): the
+params carry the memory and a hold word, the copy starts in ``start_load_kv`` with no message
+before it, and ``done`` follows it. Otherwise (``direct_read: false``, a full hold board, memory
+that does not map) it asks first, as below:
 
 - **cuda_ipc** (both caches on GPUs, two processes): the producer exports its cache once
   (``cuda_ipc.export``); the consumer maps it, copies the blocks (``copy_rows``), says ``done``.
@@ -41,7 +45,7 @@ fill pins its blocks only while the producer copies them. Whichever side dies, n
 /dev/shm (the producer unlinks the ring's name as it maps it).
 
 Extra config: as ``zmq`` (``expiry_s``, ``recv_timeout_s``, ``peer_idle_s``, ``advertise_host``),
-plus ``cuda_ipc`` (true), ``share_host_cache`` (true), ``ring_slots`` (8), ``ring_slot_bytes``
+plus ``direct_read`` (true), ``board_slots`` (65536), ``cuda_ipc`` (true), ``share_host_cache`` (true), ``ring_slots`` (8), ``ring_slot_bytes``
 (32 MiB), ``lease_s`` (30). A ring takes ``ring_slots × ring_slot_bytes`` of /dev/shm per (consumer,
 producer) pair, reserved up front; a shared host cache takes its own size (the name is unlinked at
 shutdown, or by the next segment created on the machine if the producer was killed).
@@ -62,11 +66,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import zmq
 
 from kv_connector import cuda_ipc
 from kv_connector.base import KVConnectorRole, KVTransferConfig
 from kv_connector.block_copy import copy_rows, gather_rows
-from kv_connector.handoff import layout_mismatch
+from kv_connector.handoff import Load, layout_mismatch
+from kv_connector.ipc_direct import DirectReader, HoldBoard
 from kv_connector.shm_segment import ShmSegment
 from kv_connector.zmq_connector import ZmqConnector, _Client, _Peer, _Server, _Xfer
 
@@ -99,8 +105,12 @@ class IpcConnector(ZmqConnector):
         self.ring_slot_bytes = int(config.extra("ring_slot_bytes", 32 << 20))
         self.lease_s = float(config.extra("lease_s", 30.0))
         self.share_host_cache = bool(config.extra("share_host_cache", True))
+        self.direct_read = bool(config.extra("direct_read", True))
+        self.board_slots = max(1, int(config.extra("board_slots", 65536)))
         self.machine = machine_id()
         self._cache_seg: ShmSegment | None = None  # a host KV cache that consumers map
+        self._board: HoldBoard | None = None  # producer: hold words for one-sided readers
+        self._reader: DirectReader | None = None  # consumer: one-sided reads, scheduler thread
 
     def allocate_kv_cache(self, shape: tuple[int, ...], dtype: torch.dtype,
                           device: torch.device) -> torch.Tensor | None:
@@ -123,8 +133,70 @@ class IpcConnector(ZmqConnector):
             return None
         return {"name": seg.name, "nbytes": seg.nbytes}
 
+    def _start_transport(self) -> None:
+        if self.on_gpu:  # made before any thread copies: the IO thread and one-sided reads share it
+            self._copy_stream = torch.cuda.Stream(self._blocks.device)
+        super()._start_transport()
+        if self.direct_read and self.role != KVConnectorRole.CONSUMER and self._direct_source() is not None:
+            try:
+                self._board = HoldBoard(self.board_slots)
+            except OSError as e:
+                logger.warning("no hold board in /dev/shm (%s): consumers ask before each read", e)
+        if self.direct_read and self.role != KVConnectorRole.PRODUCER:
+            self._reader = DirectReader(self)
+
+    def _direct_source(self) -> dict[str, Any] | None:
+        """What a one-sided reader maps: the shared host cache, or the GPU cache over CUDA IPC."""
+        shared = self._shared_cache()
+        if shared is not None:
+            return {"memory": "host", "segment": shared}
+        export = self._server._export if self._server is not None else None
+        return {"memory": "cuda", "export": export, "pid": os.getpid()} if export is not None else None
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        delay, params = super().request_finished(request, block_ids)
+        source = self._direct_source() if params is not None and self._board is not None else None
+        hold = self._board.hold(request.request_id) if source is not None else None
+        if hold is not None:
+            params["ipc"] = {"machine": self.machine, "layout": self.wire_layout, **source, **hold}
+        return delay, params
+
+    def get_finished(self) -> tuple[set[str], set[str], dict[str, str]]:
+        if self._reader is not None:
+            self._reader.poll()
+        sent, recved, failed = super().get_finished()
+        if self._board is not None:
+            for rid in sent:  # before the scheduler has the blocks back: a reader sees the hold end first
+                self._board.end(rid)
+        return sent, recved, failed
+
+    def _start_load(self, load: Load) -> None:
+        if self._reader is None or not self._reader.start(load):
+            super()._start_load(load)
+
+    def _cancel_load(self, request_id: str) -> None:
+        if self._reader is None or not self._reader.cancel(request_id):
+            super()._cancel_load(request_id)
+
+    def read_done(self, load: Load, nbytes: int) -> None:
+        """A one-sided read ended within its hold: the load is in, the producer may free the blocks."""
+        self.count("bytes_received", nbytes)
+        self.count("transfers")
+        self.load_done(load.request_id)
+        self._client.send((load.remote_host, load.remote_port),
+                          {"op": "done", "request_id": load.remote_request_id, "bytes": nbytes})
+
+    def read_failed(self, load: Load, why: str) -> None:
+        """A one-sided read that cannot be used: the producer is told to release at once."""
+        self.load_failed(load.request_id, why, released=True)
+        self._client.send((load.remote_host, load.remote_port), {"op": "release", "request_id": load.remote_request_id})
+
     def _stop_transport(self) -> None:
         super()._stop_transport()
+        if self._reader is not None:
+            self._reader.close()
+        if self._board is not None:
+            self._board.close()
         if self._cache_seg is not None:
             self._cache_seg.unlink()  # mapped until the engine lets go of its cache; the name goes now
 
@@ -137,7 +209,9 @@ class IpcConnector(ZmqConnector):
         client, server = self._client, self._server
         s["xfers_in_flight"] = len(client._live) if client else 0
         s["rings"] = (len(client._rings) if client else 0) + (len(server._rings) if server else 0)
-        s["ipc_mappings"] = len(client._maps) if client else 0
+        reader = self._reader
+        s["ipc_mappings"] = (len(client._maps) if client else 0) + (reader.num_mappings if reader is not None else 0)
+        s["direct_reads_in_flight"] = len(reader) if reader is not None else 0
         return s
 
 
@@ -188,6 +262,12 @@ class _IpcServer(_Server):
     def _poll_ms(self) -> int:
         return 0 if self._filling else super()._poll_ms()
 
+    def _reply(self, ident: bytes, msg: dict[str, Any]) -> None:
+        try:
+            super()._reply(ident, msg)
+        except zmq.ZMQError as e:  # EHOSTUNREACH: the consumer died; its ring goes once unused, its holds expire
+            logger.warning("consumer went away before a %s reached it: %s", msg.get("op"), e)
+
     def _after_poll(self) -> None:
         """Reply for every finished fill; with nothing else to do, wait for the oldest (GIL released)."""
         now = time.monotonic()
@@ -220,6 +300,7 @@ class _IpcServer(_Server):
                 rid = str(msg["request_id"])
                 if self.conn.holds.release(rid, op) and op == "release":
                     self.conn.count("released_early")
+                self.conn.count("bytes_sent", int(msg.get("bytes", 0)))  # what a one-sided reader took
                 for lease in self._leases.pop(rid, ()):
                     lease.finished = True
         except (ValueError, KeyError, TypeError) as e:

@@ -26,7 +26,9 @@ SHM_DIR = "/dev/shm"
 _PREFIX = "kvfabric-"
 _NAME = re.compile(rf"^{_PREFIX}(\d+)-\d+$")
 _counter = itertools.count()
-_CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context of the process, not just the current one
+# Pinned for every CUDA context of the process, not just the current one, and mapped into the GPUs'
+# address space, so that kernels read and write it in place (block_copy_kernel.device_view).
+_CUDA_HOST_REGISTER_FLAGS = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
 _CUDA_ERROR_ALREADY_REGISTERED = 712  # the pages are pinned through another mapping in this process
 
 
@@ -79,7 +81,7 @@ class ShmSegment:
         self.buf = torch.frombuffer(self._mm, dtype=torch.uint8)
         self.pinned = False
         if pin:
-            rc = int(torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), nbytes, _CUDA_HOST_REGISTER_PORTABLE))
+            rc = int(torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), nbytes, _CUDA_HOST_REGISTER_FLAGS))
             if rc not in (0, _CUDA_ERROR_ALREADY_REGISTERED):
                 self.close()
                 raise RuntimeError(f"cudaHostRegister of shared segment {name} failed: cudaError {rc}")

@@ -6,7 +6,7 @@
 #
 #   bash scripts/gpu_transfer.sh ucx     # needs .whl/ucx  (pyzmq, ucxx-cu13, libucxx-cu13, libucx-cu13)
 #   bash scripts/gpu_transfer.sh nixl    # needs .whl/nixl (pyzmq, nixl-cu13)
-#   bash scripts/gpu_transfer.sh ipc     # needs .whlz     (pyzmq)
+#   bash scripts/gpu_transfer.sh ipc     # needs .whlz     (pyzmq); also bench/ipc_copy.py, bench/block_copy.py
 #
 # The NIXL wheel and the UCX wheels do not fit one device upload together, hence one run each.
 # Everything lands under $OUT (./out by default): transfer_<T>.log, <T>_*.json, <T>.png.
@@ -60,6 +60,8 @@ if [ "$T" = ipc ]; then  # the ring where the runs above read the peer's memory 
   for C in $(seq 0 $((${NGPU:-1} - 1))); do  # a copy out of a CUDA IPC mapping vs from local memory
     timeout 60 python3 -m bench.ipc_copy --mb 1024 --consumer-gpu "$C" --out "$OUT/ipc_copy" 2>&1 | tail -1
   done
+  echo "== bench block_copy (DMA vs kernel for scattered blocks, GB/s)"
+  timeout 150 python3 -m bench.block_copy --sizes-mb 64,1024 --out "$OUT/block_copy" 2>&1 | tail -6
 fi
 if [ "${NGPU:-0}" -ge 2 ]; then
   bench "${T}_2proc_gpu0to1" 55 --connectors "$T" --processes 2 --producer-gpu 0 --consumer-gpu 1

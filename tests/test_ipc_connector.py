@@ -41,6 +41,7 @@ def _ours() -> list[str]:
 
 
 RING = {"share_host_cache": False}  # CPU caches: through the ring, not the producer's shared cache
+BLOCK_BYTES = 2 * 2 * 4 * 2 * 8 * 4  # make_connector's default layout (TINY), float32
 
 
 def test_ring_name_is_gone_once_the_producer_maps_it(connectors):
@@ -59,23 +60,80 @@ def test_ring_name_is_gone_once_the_producer_maps_it(connectors):
     assert consumer.stats()["rings"] == 0 and producer.stats()["rings"] == 0
 
 
-def test_a_host_cache_is_shared_and_read_in_place(connectors):
+@pytest.mark.parametrize("direct", [True, False], ids=["one-sided", "asked"])
+def test_a_host_cache_is_shared_and_read_in_place(connectors, direct):
     """A producer's host cache lives in shared memory (allocate_kv_cache): the consumer maps it and
-    copies the blocks out, no ring; the name goes at shutdown."""
-    producer = connectors("ipc", "kv_producer")
-    consumer = connectors("ipc", "kv_consumer")
+    copies the blocks out, no ring — straight from the params (one-sided: the cache and the hold
+    board mapped), or after asking (the cache mapped); the names go at shutdown."""
+    producer = connectors("ipc", "kv_producer", direct_read=direct)
+    consumer = connectors("ipc", "kv_consumer", direct_read=direct)
     seg = producer._cache_seg
     assert seg is not None and producer.kv_cache.data_ptr() == seg.buf.data_ptr() and os.path.exists(seg.path)
-    consume(consumer, "d", produce(producer, "p", [9, 3, 4, 5], num_tokens=14), [40, 41, 7, 8])
+    params = produce(producer, "p", [9, 3, 4, 5], num_tokens=14)
+    assert ("ipc" in params) == direct
+    consume(consumer, "d", params, [40, 41, 7, 8])
     _, recved, failed = poll(consumer, lambda s, r, f: r or f)
     assert recved == {"d"}, failed
     assert torch.equal(blocks(consumer, [40, 41, 7, 8]), blocks(producer, [9, 3, 4, 5]))
     s = consumer.stats()
-    assert (s["rings"], s["ipc_mappings"]) == (0, 1), s
-    poll(producer, lambda s, r, f: s)  # the done ends the lease: the blocks are freed at once
+    assert (s["rings"], s["ipc_mappings"], s["bytes_received"]) == (0, 2 if direct else 1, 4 * BLOCK_BYTES), s
+    poll(producer, lambda s, r, f: s)  # the done ends the hold: the blocks are freed at once
     assert_clean(producer, consumer)
+    assert producer.stats()["bytes_sent"] == 4 * BLOCK_BYTES
+    names = [seg.path] + ([producer._board.seg.path] if direct else [])
     producer.shutdown()
-    assert not os.path.exists(seg.path)
+    assert not any(os.path.exists(n) for n in names)
+
+
+def test_a_hold_that_ends_during_a_one_sided_read_fails_it(connectors, monkeypatch):
+    """The producer ends the hold (here: aborts the request, and its scheduler takes the blocks back)
+    while the consumer copies: the hold word says so after the copy, and the load fails rather than
+    keep bytes that may have been overwritten."""
+    from kv_connector import ipc_direct
+
+    producer = connectors("ipc", "kv_producer")
+    consumer = connectors("ipc", "kv_consumer")
+    real = ipc_direct.copy_rows
+
+    def copy_then_lose_the_hold(*args):
+        real(*args)
+        producer.abort("p")
+        poll(producer, lambda s, r, f: s)
+
+    monkeypatch.setattr(ipc_direct, "copy_rows", copy_then_lose_the_hold)
+    consume(consumer, "d", produce(producer, "p", [5, 6], num_tokens=8), [20, 21])
+    _, recved, failed = poll(consumer, lambda s, r, f: r or f)
+    assert recved == set() and "ended its hold while the blocks were being copied" in failed["d"], failed
+    assert_clean(producer, consumer)
+
+
+def test_params_naming_blocks_outside_the_producer_fail_clearly(connectors):
+    """kv_transfer_params are the client's to tamper with: block ids past the producer's cache fail
+    the load before any copy (a GPU would fault on them), and the hold is released."""
+    producer = connectors("ipc", "kv_producer", num_blocks=8)
+    consumer = connectors("ipc", "kv_consumer")
+    params = produce(producer, "p", [5, 6], num_tokens=8)
+    params["remote_block_ids"] = [5, 4096]
+    consume(consumer, "d", params, [2, 3])
+    _, _, failed = poll(consumer, lambda s, r, f: f)
+    assert "outside its memory" in failed["d"]
+    poll(producer, lambda s, r, f: s, timeout=2)  # released at once, not left to expire
+    assert_clean(producer, consumer)
+
+
+def test_a_full_hold_board_falls_back_to_asking(connectors):
+    """More holds than board slots: the extra ones carry no one-sided offer and are read by asking."""
+    producer = connectors("ipc", "kv_producer", board_slots=1)
+    consumer = connectors("ipc", "kv_consumer")
+    first, second = produce(producer, "p", [5, 6], num_tokens=8), produce(producer, "q", [7], num_tokens=4)
+    assert "ipc" in first and "ipc" not in second
+    consume(consumer, "d", first, [20, 21])
+    consume(consumer, "e", second, [22])
+    _, recved, failed = poll(consumer, lambda s, r, f: len(r) == 2 or f)
+    assert recved == {"d", "e"}, failed
+    assert torch.equal(blocks(consumer, [20, 21, 22]), blocks(producer, [5, 6, 7]))
+    poll(producer, lambda s, r, f: s == {"p", "q"})
+    assert_clean(producer, consumer)
 
 
 def test_segments_of_dead_creators_are_swept():
@@ -123,11 +181,13 @@ def test_kvfabric_up_serves_through_ipc(tmp_path, default_model_dir):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("extra,memory", [({}, "device"), ({"cuda_ipc": False}, "device"), ({}, "host")],
-                         ids=["cuda-ipc", "through-host", "pinned-producer"])
+@pytest.mark.parametrize("extra,memory", [({}, "device"), ({"direct_read": False}, "device"),
+                                          ({"cuda_ipc": False}, "device"), ({}, "host"), ({"direct_read": False}, "host")],
+                         ids=["cuda-ipc", "cuda-ipc-asked", "through-host", "host-cache", "host-cache-asked"])
 def test_two_processes_on_one_gpu_move_exact_bytes(extra, memory):
     """A producer process and this one on GPU 0: over CUDA IPC, through the shared pinned ring, and from
-    a producer whose cache is pinned host memory; every payload compared byte for byte."""
+    a producer whose cache is in host memory (shared, read in place); one-sided and after asking;
+    every payload compared byte for byte."""
     from bench.kv_transfer_2proc import run_two_process
 
     data = run_two_process(["ipc"], [1 << 20, 64 << 20], repeats=2, extra=extra, device="cuda",
@@ -169,12 +229,13 @@ _CONSUMER = """
 import json, sys, time, torch
 from kv_connector import KVTransferConfig, create_connector
 from tests.test_kv_connector import consume
-params, layout, n = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+layout, n = json.loads(sys.argv[1]), int(sys.argv[2])
 conn = create_connector(KVTransferConfig(kv_connector="ipc", kv_role="kv_consumer",
                                          kv_connector_extra_config={"ring_slots": 2, "ring_slot_bytes": 1 << 20}))
 shape = (n + 1, layout["num_layers"], 2, layout["block_size"], layout["num_kv_heads"], layout["head_dim"])
 conn.register_kv_cache(torch.zeros(shape), layout)
-consume(conn, "d", params, list(range(1, n + 1)))
+print("ready", flush=True)  # the params come now: a slow start (CUDA's, on a GPU host) must not expire them
+consume(conn, "d", json.loads(sys.stdin.readline()), list(range(1, n + 1)))
 time.sleep(120)
 """
 
@@ -185,11 +246,15 @@ def test_a_consumer_killed_mid_load_leaves_the_producer_nothing(connectors):
     n = 256  # 256 blocks of 64 KiB through two 1 MiB slots: 1,024 fills, far longer than the kill takes
     layout = {"block_size": 16, "num_layers": 4, "num_kv_heads": 8, "head_dim": 32}
     producer = connectors("ipc", "kv_producer", num_blocks=n + 1, layout=layout, expiry_s=3, peer_idle_s=0.5, **RING)
-    params = produce(producer, "p", list(range(1, n + 1)), num_tokens=n * 16)
-    full = {**producer.wire_layout}
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", _CONSUMER, json.dumps(params), json.dumps(full), str(n)], env=env)
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", _CONSUMER, json.dumps(producer.wire_layout), str(n)], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        assert proc.stdout.readline().strip() == "ready"
+        params = produce(producer, "p", list(range(1, n + 1)), num_tokens=n * 16)
+        proc.stdin.write(json.dumps(params) + "\n")
+        proc.stdin.flush()
         deadline = time.monotonic() + 30
         while producer.stats()["rings"] == 0 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.001)
