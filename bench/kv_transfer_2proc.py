@@ -176,7 +176,8 @@ def run_two_process(connector_names: list[str], sizes: list[int], repeats: int =
         peaks = link_peaks("cpu")
     pinned = producer_memory == "host" and device == "cuda"
     placement = (f"two processes, {prod_dev}{' pinned' if pinned else ''} → {cons_dev}"
-                 + (" through host memory" if extra.get("cuda_ipc") is False else ""))
+                 + (" through host memory" if extra.get("cuda_ipc") is False else "")
+                 + (" (ring, cache not shared)" if extra.get("share_host_cache") is False else ""))
     print(f"{placement}; link peaks (GB/s): " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()), flush=True)
     producer = ProducerProcess()
 
