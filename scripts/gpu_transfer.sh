@@ -34,7 +34,8 @@ fi
 
 echo "== tests: $T (GPU round trips, CPU behaviour, producer killed mid-transfer)"
 timeout 240 python3 -m pytest -q -p no:cacheprovider -o faulthandler_timeout=45 tests/test_kv_connector.py tests/test_transport_failures.py \
-  $([ "$T" = ipc ] && echo tests/test_ipc_connector.py) -k "$T and not kvfabric_up" 2>&1 | tail -25
+  $([ "$T" = ipc ] && echo tests/test_ipc_connector.py tests/test_block_copy.py) \
+  -k "($T or block_copy) and not kvfabric_up" 2>&1 | tail -25
 
 [ "$T" != ipc ] && echo "== which UCX protocols a GPU round trip of $T takes (UCX_PROTO_INFO)" &&
 UCX_PROTO_INFO=y timeout 120 python3 -m pytest -q -s -p no:cacheprovider tests/test_kv_connector.py \
