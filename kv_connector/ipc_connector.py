@@ -45,10 +45,11 @@ fill pins its blocks only while the producer copies them. Whichever side dies, n
 /dev/shm (the producer unlinks the ring's name as it maps it).
 
 Extra config: as ``zmq`` (``expiry_s``, ``recv_timeout_s``, ``peer_idle_s``, ``advertise_host``),
-plus ``direct_read`` (true), ``board_slots`` (65536), ``cuda_ipc`` (true), ``share_host_cache`` (true), ``ring_slots`` (8), ``ring_slot_bytes``
-(32 MiB), ``lease_s`` (30). A ring takes ``ring_slots × ring_slot_bytes`` of /dev/shm per (consumer,
-producer) pair, reserved up front; a shared host cache takes its own size (the name is unlinked at
-shutdown, or by the next segment created on the machine if the producer was killed).
+plus ``direct_read`` (true), ``board_slots`` (65536), ``cuda_ipc`` (true), ``share_host_cache`` (true),
+``ring_slots`` (8), ``ring_slot_bytes`` (32 MiB), ``lease_s`` (30). A ring takes ``ring_slots ×
+ring_slot_bytes`` of /dev/shm per (consumer, producer) pair, reserved up front; a shared host cache
+takes its own size, a hold board 16 bytes a slot (their names are unlinked at shutdown, or by the
+next segment created on the machine if the producer was killed).
 """
 
 from __future__ import annotations

@@ -77,6 +77,8 @@ class HoldBoard:
             self._free.append(slot)
 
     def close(self) -> None:
+        """Every hold ends: a reader still copying from a cache that goes with this engine fails its load."""
+        self.words[:, 0] = 0
         self.words = None
         self.seg.close()
 

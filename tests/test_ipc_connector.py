@@ -181,8 +181,9 @@ def test_kvfabric_up_serves_through_ipc(tmp_path, default_model_dir):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("extra,memory", [({}, "device"), ({"direct_read": False}, "device"),
-                                          ({"cuda_ipc": False}, "device"), ({}, "host"), ({"direct_read": False}, "host")],
+@pytest.mark.parametrize("extra,memory", [
+    ({}, "device"), ({"direct_read": False}, "device"), ({"cuda_ipc": False}, "device"),
+    ({}, "host"), ({"direct_read": False}, "host")],
                          ids=["cuda-ipc", "cuda-ipc-asked", "through-host", "host-cache", "host-cache-asked"])
 def test_two_processes_on_one_gpu_move_exact_bytes(extra, memory):
     """A producer process and this one on GPU 0: over CUDA IPC, through the shared pinned ring, and from
