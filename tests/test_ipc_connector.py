@@ -269,3 +269,17 @@ def test_a_consumer_killed_mid_load_leaves_the_producer_nothing(connectors):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_producer_that_shuts_down_ends_its_holds_for_readers(connectors):
+    """Its cache goes with the engine: a reader that already maps the producer's hold board finds the
+    hold ended and fails the load at once, instead of copying from memory nobody holds."""
+    producer = connectors("ipc", "kv_producer", recv_timeout_s=1)
+    consumer = connectors("ipc", "kv_consumer", recv_timeout_s=1)
+    consume(consumer, "d", produce(producer, "p", [5], num_tokens=4), [20])
+    assert poll(consumer, lambda s, r, f: r or f)[1] == {"d"}  # the board is mapped here now
+    params = produce(producer, "q", [6, 7], num_tokens=8)
+    producer.shutdown()
+    consume(consumer, "e", params, [21, 22])
+    _, recved, failed = poll(consumer, lambda s, r, f: r or f, timeout=0.5)
+    assert recved == set() and "is not held here" in failed["e"], failed
