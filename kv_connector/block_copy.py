@@ -68,7 +68,7 @@ def copy_rows(dst: torch.Tensor, dst_ids: np.ndarray, src: torch.Tensor, src_ids
         else:
             dst.numpy()[dst_ids] = src.cpu().numpy()[src_ids]
         return
-    if len(starts) == 1 or not src.is_cuda and n * dst.shape[1] >= len(starts) * _DMA_STRETCH_BYTES:
+    if len(starts) == 1 or (not src.is_cuda and n * dst.shape[1] >= len(starts) * _DMA_STRETCH_BYTES):
         copy_stretches(dst, dst_ids, src, src_ids, starts, ends)
         return
     kernel = _kernel()

@@ -62,12 +62,6 @@ def copy_rows_kernel(dst: torch.Tensor, dst_ids: torch.Tensor, src: torch.Tensor
                                          num_warps=8 if chunk * dst_w.element_size() >= 8192 else 4)
 
 
-class _CudaArray:
-    def __init__(self, ptr: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
-                                         "version": 3, "strides": None, "stream": None}
-
-
 def device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Pinned host memory (``pin_memory`` or ``cudaHostRegister``) as a CUDA tensor of the same bytes,
     for kernels on ``device`` to read and write over PCIe. The host tensor must outlive the view."""
@@ -78,5 +72,5 @@ def device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     with torch.cuda.device(device):
         cuda_ipc._check(rt.cudaHostGetDevicePointer(ctypes.byref(ptr), ctypes.c_void_p(host.data_ptr()), 0),
                         "cudaHostGetDevicePointer (is the memory pinned?)")
-        flat = torch.as_tensor(_CudaArray(ptr.value, host.numel() * host.element_size()))
+        flat = torch.as_tensor(cuda_ipc._CudaArray(ptr.value, host.numel() * host.element_size()))
     return flat.view(host.dtype).view(host.shape)

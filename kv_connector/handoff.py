@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from kv_connector.base import KVConnectorBase, KVConnectorRole, KVTransferConfig
-from kv_connector.block_copy import is_run
+from kv_connector.block_copy import ids_on, is_run
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +236,7 @@ class HandoffConnector(KVConnectorBase):
             else:  # one DMA, one scatter: a DMA per block costs more; the index goes up pinned, because
                 # a pageable copy would wait for everything queued on this stream
                 dev = self._blocks.device
-                idx = torch.from_numpy(np.ascontiguousarray(local_ids, dtype=np.int64)).pin_memory()
-                self._blocks.index_copy_(0, idx.to(dev, non_blocking=True), src_t.to(dev, non_blocking=True))
+                self._blocks.index_copy_(0, ids_on(local_ids, dev), src_t.to(dev, non_blocking=True))
         if wait:
             self._copy_stream.synchronize()
 

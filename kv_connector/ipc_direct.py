@@ -123,6 +123,8 @@ class DirectReader:
         except (OSError, RuntimeError, ValueError) as e:
             logger.info("memory of %s does not map here (%s): asking it instead", where, e)
             return False
+        finally:
+            self._evict(keep=keys)  # after both are mapped: neither may go while this read is set up
         slot, token = int(ipc["slot"]), int(ipc["token"])
         remote = np.asarray(load.params["remote_block_ids"][load.first:load.first + load.count], dtype=np.int64)
         if not 0 <= slot < len(words) or len(remote) != load.count or remote.min() < 0 or remote.max() >= len(src):
@@ -197,7 +199,6 @@ class DirectReader:
                 self._refused.add(key)
                 raise
             self._maps[key] = m
-            self._evict()
         self._maps.move_to_end(key)
         if where["memory"] == "board":
             return m.buf.view(torch.int64).numpy().reshape(-1, 2)
@@ -207,11 +208,12 @@ class DirectReader:
     def _key(where: dict[str, Any]) -> str:
         return where["export"]["handle"] if where["memory"] == "cuda" else where["segment"]["name"]
 
-    def _evict(self) -> None:
-        """Unmap the least recently used beyond _MAX_MAPPINGS that no unfinished read names."""
+    def _evict(self, keep: tuple[str, ...]) -> None:
+        """Unmap the least recently used beyond _MAX_MAPPINGS that neither an unfinished read nor
+        ``keep`` names."""
         if len(self._maps) <= _MAX_MAPPINGS:
             return
-        in_use = {k for r in self._reads.values() for k in r.keys}
+        in_use = {k for r in self._reads.values() for k in r.keys} | set(keep)
         doomed = [k for k in self._maps if k not in in_use][:len(self._maps) - _MAX_MAPPINGS]
         if doomed and self.conn._copy_stream is not None:
             self.conn._copy_stream.synchronize()  # no queued copy reads what goes

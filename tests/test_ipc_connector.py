@@ -283,3 +283,19 @@ def test_a_producer_that_shuts_down_ends_its_holds_for_readers(connectors):
     consume(consumer, "e", params, [21, 22])
     _, recved, failed = poll(consumer, lambda s, r, f: r or f, timeout=0.5)
     assert recved == set() and "is not held here" in failed["e"], failed
+
+
+def test_mappings_beyond_the_limit_go_but_never_those_a_read_uses(connectors, monkeypatch):
+    """At most _MAX_MAPPINGS producers' memories stay mapped: older ones are unmapped, never the
+    memory and hold board of the read being set up (here the limit is below one read's two)."""
+    from kv_connector import ipc_direct
+
+    monkeypatch.setattr(ipc_direct, "_MAX_MAPPINGS", 1)
+    consumer = connectors("ipc", "kv_consumer")
+    for i, local in enumerate(([20, 21], [22, 23])):
+        producer = connectors("ipc", "kv_producer")
+        consume(consumer, f"d{i}", produce(producer, "p", [5, 6], num_tokens=8), local)
+        _, recved, failed = poll(consumer, lambda s, r, f: r or f)
+        assert recved == {f"d{i}"}, failed
+        assert torch.equal(blocks(consumer, local), blocks(producer, [5, 6]))
+        assert consumer.stats()["ipc_mappings"] == 2  # this read's two; the last producer's are gone
