@@ -49,6 +49,16 @@ class DCPKVLanding:
 
     # ---- scheduler half ---------------------------------------------------------------------------
 
+    @property
+    def kv_load_failure_policy(self) -> str:
+        return self.inner.kv_load_failure_policy
+
+    def request_added(self, request: Any) -> None:
+        self.inner.request_added(request)
+
+    def held_block_budget(self, num_blocks: int) -> int | None:
+        return self.inner.held_block_budget(num_blocks)
+
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         n, load_async = self.inner.get_num_new_matched_tokens(request, num_computed_tokens)
         self._num_local[request.request_id] = num_computed_tokens

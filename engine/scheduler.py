@@ -9,8 +9,12 @@ runs dry, the most recently admitted running request is preempted and recomputed
 A request whose KV comes from a connector asynchronously waits in ``waiting_for_remote_kv``
 (status WAITING_FOR_REMOTE_KV) with its blocks allocated, outside the batch, until the connector
 reports the load finished (then it rejoins the waiting queue with those tokens computed) or
-failed (then it finishes with an error). A finished request whose blocks the connector must
-keep for an async send is ``held`` until the connector reports the send done.
+failed. A failed load is recomputed: the request goes back to the head of the queue with its
+blocks freed and computes its prompt (and any tokens already generated elsewhere, which are not
+sampled again) itself; under the connector's ``kv_load_failure_policy: fail`` it finishes with
+the error instead. A finished request whose blocks the connector must keep for an async send is
+``held`` until the connector reports the send done; while held blocks exceed the connector's
+``held_block_budget`` no new request is admitted (backpressure: they wait, none fails).
 """
 
 from __future__ import annotations
@@ -79,12 +83,18 @@ class Scheduler:
         self._finished_since_step: list[Request] = []
         self.num_preemptions = 0
         self.num_aborted = 0
+        self.num_load_failures_recomputed = 0
+        self.num_backpressure_steps = 0  # steps that admitted nothing because held blocks were over budget
+        self.held_budget = (connector.held_block_budget(kv_cache_manager.block_pool.num_blocks)
+                            if connector is not None else None)
 
     # ---- requests in and out -------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if self.connector is not None:
+            self.connector.request_added(request)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus, error: str | None = None) -> None:
         """End requests from outside a step (abort, stop string, load failure)."""
@@ -161,6 +171,9 @@ class Scheduler:
                 break
 
         # Admitting new work while evicting running work would thrash: skip this step.
+        if self.waiting and self._held_over_budget():
+            self.num_backpressure_steps += 1
+            budget = 0
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             computed_blocks: list = []
@@ -201,6 +214,11 @@ class Scheduler:
             out.connector_meta = self.connector.build_connector_meta(out.num_scheduled_tokens)
         return out
 
+    def _held_over_budget(self) -> bool:
+        if self.held_budget is None or not self.held:
+            return False
+        return sum(len(self.kv.get_block_ids(rid)) for rid in self.held) >= self.held_budget
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req)
@@ -228,9 +246,23 @@ class Scheduler:
             self.waiting.appendleft(req)
         for rid, why in failed.items():
             self._pending_load_tokens.pop(rid, None)
-            if rid in self.waiting_for_remote_kv:
+            req = self.waiting_for_remote_kv.get(rid)
+            if req is None:
+                continue
+            if self.connector.kv_load_failure_policy == "fail":
                 self.errors[rid] = f"KV transfer failed: {why}"
-                self._finish(self.waiting_for_remote_kv[rid], RequestStatus.FINISHED_ABORTED)
+                self._finish(req, RequestStatus.FINISHED_ABORTED)
+                continue
+            # Recompute: no byte of the failed load is trusted, so its blocks go back unregistered
+            # (cache_blocks never ran for them) and the prompt is computed here from scratch.
+            del self.waiting_for_remote_kv[rid]
+            self.kv.free(req)
+            req.kv_transfer_params = None
+            req.num_computed_tokens = 0
+            req.num_cached_tokens = 0
+            req.status = RequestStatus.WAITING
+            self.waiting.appendleft(req)
+            self.num_load_failures_recomputed += 1
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
         """Advance computed counts, register full blocks in the prefix cache, apply token stops."""
@@ -266,5 +298,7 @@ class Scheduler:
             "num_held_for_transfer": len(self.held),
             "num_preemptions": self.num_preemptions,
             "num_aborted": self.num_aborted,
+            "kv_load_failures_recomputed": self.num_load_failures_recomputed,
+            "num_backpressure_steps": self.num_backpressure_steps,
             "num_blocks_held_for_transfer": sum(len(self.kv.get_block_ids(r)) for r in self.held),
         }

@@ -27,6 +27,9 @@ from typing import Any
 import torch
 
 
+LOAD_FAILURE_POLICIES = ("recompute", "fail")
+
+
 class KVConnectorRole(enum.Enum):
     PRODUCER = "kv_producer"  # computes prefills and holds their blocks until a consumer pulls them
     CONSUMER = "kv_consumer"  # pulls blocks named by a request's kv_transfer_params, then decodes
@@ -43,11 +46,17 @@ class KVTransferConfig:
     kv_port: int = 0  # 0: an ephemeral port, reported in each request's kv_transfer_params
     kv_connector_extra_config: dict[str, Any] = field(default_factory=dict)
     engine_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # vLLM's knob: a consumer whose load failed (expired, producer gone, short or bad read)
+    # "recompute"s the prompt itself and the request goes on; "fail" ends it with the error.
+    kv_load_failure_policy: str = "recompute"
 
     def __post_init__(self) -> None:
         roles = [r.value for r in KVConnectorRole]
         if self.kv_role not in roles:
             raise ValueError(f"kv_role {self.kv_role!r} is not one of {roles}")
+        if self.kv_load_failure_policy not in LOAD_FAILURE_POLICIES:
+            raise ValueError(f"kv_load_failure_policy {self.kv_load_failure_policy!r} is not one of "
+                             f"{list(LOAD_FAILURE_POLICIES)}")
         if not isinstance(self.kv_connector_extra_config, dict):
             raise ValueError("kv_connector_extra_config must be a mapping")
         self.kv_port = int(self.kv_port)
@@ -88,8 +97,18 @@ class KVConnectorBase(ABC):
         self.config = config
         self.role = config.role
         self.engine_id = config.engine_id
+        self.kv_load_failure_policy = config.kv_load_failure_policy
 
     # ---- scheduler half ----------------------------------------------------------------------
+
+    def request_added(self, request: Any) -> None:
+        """The engine queued ``request`` (before it is ever scheduled): a consumer starts keeping
+        the producer's hold on its blocks alive here (kv_connector/lease.py)."""
+
+    def held_block_budget(self, num_blocks: int) -> int | None:
+        """How many blocks finished requests may hold for consumers before the scheduler admits no
+        new prompt (backpressure); None: no limit."""
+        return None
 
     @abstractmethod
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:

@@ -4,34 +4,36 @@ A transport subclass only moves bytes; the life cycle of one hand-off lives here
 
 Producer side (engine in kv_producer role, or kv_both with ``do_remote_decode``):
 
-1. **held** — ``request_finished`` puts the request's blocks in the ``HoldTable`` under the
-   producer's request id and returns ``kv_transfer_params`` (where the blocks are, which ids, how
-   many tokens, ``expires_at``). The scheduler keeps the blocks allocated.
+1. **held** — ``request_finished`` puts the request's blocks in the ``LeaseTable`` (lease.py)
+   under the producer's request id and returns ``kv_transfer_params`` (where the blocks are,
+   which ids, how many tokens, ``lease_s``). The scheduler keeps the blocks allocated; while
+   they fill more than ``max_held_fraction`` of the cache it admits no new prompt.
 2. **serving** — a consumer reads them. A read *pins* the entry, so expiry can never free blocks
    while bytes are still being read from them (zero-copy sends read them after ``send`` returns).
-3. **released** — the consumer says ``done`` (or ``release`` on abort), or the deadline passes.
-   Once nothing reads the blocks any more, ``get_finished`` reports the id in
-   ``finished_sending`` and the scheduler frees them.
+3. **released** — the consumer says ``done`` (or ``release`` on abort or failure), or it stops
+   renewing and the lease runs out. Once nothing reads the blocks any more, ``get_finished``
+   reports the id in ``finished_sending`` and the scheduler frees them.
 
 Consumer side (the request's ``kv_transfer_params`` carry ``remote_block_ids``):
 
+0. **queued** — ``request_added``: from the moment the engine queues the request its lease is
+   renewed (``renew`` every ``lease_s / 3``, one message per producer), until it is loaded,
+   failed, aborted or finished.
 1. **matched** — ``get_num_new_matched_tokens`` → ``(num_tokens - num_computed_tokens, True)``.
 2. **allocated** — ``update_state_after_alloc`` pairs the remote blocks with local ones, skipping
    the leading blocks already covered by local prefix hits.
 3. **loading** — ``build_connector_meta`` carries the load to the worker half until
    ``start_load_kv`` starts it.
 4. **loaded** (``finished_recving``; the producer was told ``done``) | **failed**
-   (``failed_recving`` with the reason) | **aborted** (reported nowhere; the producer is told
+   (``failed_recving`` with the reason; the producer is told ``release``) | **aborted** (reported nowhere; the producer is told
    ``release`` at once and no byte lands in the request's blocks after ``abort`` returns).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
-import time
 from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,7 @@ import torch
 
 from kv_connector.base import KVConnectorBase, KVConnectorRole, KVTransferConfig
 from kv_connector.block_copy import ids_on, is_run
+from kv_connector.lease import LeaseTable, Renewals, lease_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -85,70 +88,6 @@ class HandoffMeta:
         return bool(self.loads)
 
 
-@dataclass
-class _Held:
-    block_ids: list[int]
-    deadline: float  # time.monotonic()
-    readers: int = 0
-    trackers: list[Any] = field(default_factory=list)  # objects with .done: bytes still being read
-    released: str | None = None  # "done" | "release" | "expired"
-
-
-class HoldTable:
-    """A producer's held requests. Written by the scheduler thread, read by a server thread."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: dict[str, _Held] = {}
-
-    def hold(self, request_id: str, block_ids: list[int], ttl_s: float) -> None:
-        with self._lock:
-            self._held[request_id] = _Held(list(block_ids), time.monotonic() + ttl_s)
-
-    def pin(self, request_id: str, first: int, count: int) -> list[int] | str:
-        """The block ids to read, pinned until ``unpin``; or why they cannot be read."""
-        with self._lock:
-            h = self._held.get(request_id)
-            if h is None or h.released is not None or time.monotonic() > h.deadline:
-                return f"request {request_id!r} is not held here (unknown, expired or released)"
-            if first < 0 or count <= 0 or first + count > len(h.block_ids):
-                return f"blocks [{first}, {first + count}) out of range: {len(h.block_ids)} held"
-            h.readers += 1
-            return h.block_ids[first:first + count]
-
-    def unpin(self, request_id: str, trackers: list[Any] = ()) -> None:
-        with self._lock:
-            h = self._held.get(request_id)
-            if h is not None:
-                h.readers -= 1
-                h.trackers.extend(t for t in trackers if t is not None)
-
-    def release(self, request_id: str, reason: str) -> bool:
-        with self._lock:
-            h = self._held.get(request_id)
-            if h is None or h.released is not None:
-                return False
-            h.released = reason
-            return True
-
-    def poll(self) -> tuple[list[str], int]:
-        """(ids whose blocks may be freed now, how many expired in this call)."""
-        now, freed, expired = time.monotonic(), [], 0
-        with self._lock:
-            for rid, h in list(self._held.items()):
-                if h.released is None and now > h.deadline:
-                    h.released, expired = "expired", expired + 1
-                    logger.warning("held KV blocks of %s expired before a consumer released them", rid)
-                if h.released is not None and h.readers == 0 and all(t.done for t in h.trackers):
-                    del self._held[rid]
-                    freed.append(rid)
-        return freed, expired
-
-    def counts(self) -> tuple[int, int]:
-        with self._lock:
-            return len(self._held), sum(len(h.block_ids) for h in self._held.values())
-
-
 class HandoffConnector(KVConnectorBase):
     """The scheduler half and the block I/O of a pull connector; transports fill in the hooks."""
 
@@ -156,8 +95,10 @@ class HandoffConnector(KVConnectorBase):
 
     def __init__(self, config: KVTransferConfig) -> None:
         super().__init__(config)
-        self.expiry_s = float(config.extra("expiry_s", 120.0))
-        self.holds = HoldTable()
+        self.lease_s = lease_seconds(config.kv_connector_extra_config)
+        self.max_held_fraction = float(config.extra("max_held_fraction", 0.5))
+        self.holds = LeaseTable(self.lease_s)
+        self.renewals = Renewals()  # consumer: the leases we keep alive, scheduler thread only
         self.kv_cache: torch.Tensor | None = None
         self.wire_layout: dict[str, Any] = {}
         self._blocks: torch.Tensor | None = None  # [num_blocks, block_bytes] uint8 view of kv_cache
@@ -175,7 +116,7 @@ class HandoffConnector(KVConnectorBase):
         self._recved: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._failed: queue.SimpleQueue[tuple[str, str, bool]] = queue.SimpleQueue()
         self._counters_lock = threading.Lock()
-        self._counters = dict(bytes_sent=0, bytes_received=0, transfers=0, failures=0, expired=0,
+        self._counters = dict(bytes_sent=0, bytes_received=0, transfers=0, failures=0,
                               released_early=0, aborted=0)
         self._closed = False
 
@@ -195,12 +136,23 @@ class HandoffConnector(KVConnectorBase):
         """Synchronous: no byte may be written for request_id once this returns."""
 
     @abstractmethod
-    def _release_remote(self, params: dict[str, Any]) -> None: ...
+    def _send_control(self, params: dict[str, Any], msg: dict[str, Any]) -> None:
+        """Send ``msg`` (lease.py's renew/done/release) to the producer that ``params`` name."""
 
     @abstractmethod
     def _stop_transport(self) -> None: ...
 
     # ---- called by transports --------------------------------------------------------------------
+
+    def on_control(self, msg: dict[str, Any]) -> bool:
+        """Producer: apply a consumer's renew/done/release; False when ``msg`` is none of them."""
+        op = self.holds.on_control(msg)
+        if op == "released":
+            self.count("released_early")
+        return op is not None
+
+    def _release_remote(self, params: dict[str, Any]) -> None:
+        self._send_control(params, {"op": "release", "request_id": params["remote_request_id"]})
 
     def count(self, key: str, n: int = 1) -> None:
         with self._counters_lock:
@@ -242,22 +194,34 @@ class HandoffConnector(KVConnectorBase):
 
     # ---- scheduler half ---------------------------------------------------------------------------
 
+    def _pulls(self, request: Any) -> bool:
+        """A consumer's request whose params name blocks a producer of our kind holds for it."""
+        params = request.kv_transfer_params
+        return (self.role != KVConnectorRole.PRODUCER and bool(params) and "remote_block_ids" in params
+                and params.get("do_remote_prefill") is not False and request.request_id not in self._settled
+                and params.get("kv_connector", self.name) == self.name)
+
+    def request_added(self, request: Any) -> None:
+        if self._pulls(request):  # its lease is renewed while it waits in the engine's queue
+            self.renewals.watch(request.request_id, request.kv_transfer_params)
+
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         params = request.kv_transfer_params
         if (self.role == KVConnectorRole.PRODUCER or not params or "remote_block_ids" not in params
-                or params.get("do_remote_prefill") is False):
-            return 0, False
+                or params.get("do_remote_prefill") is False or request.request_id in self._settled):
+            return 0, False  # settled: loaded once already (a preempted request recomputes)
         rid = request.request_id
-        if time.time() > float(params.get("expires_at", math.inf)):
-            logger.warning("kv_transfer_params of %s expired: recomputing its prefill locally", rid)
-            return 0, False
         # Leave at least one token to compute: the step that samples needs its logits.
         num_request_tokens = getattr(request, "num_tokens", len(request.prompt_token_ids))
         n = min(int(params["num_tokens"]), num_request_tokens - 1) - num_computed_tokens
         if n <= 0:  # local prefix hits cover it: free the producer's copy now, not at expiry
+            self.renewals.unwatch(rid)
+            self._settled.add(rid)
             self._release_remote(params)
             self.count("released_early")
             return 0, False
+        if params.get("kv_connector", self.name) == self.name:
+            self.renewals.watch(rid, params)  # requests added before the engine called request_added
         self._remote[rid] = params
         self._matched[rid] = num_computed_tokens
         return n, True
@@ -292,25 +256,26 @@ class HandoffConnector(KVConnectorBase):
         rid = request.request_id
         if rid in self._remote or rid in self._pending:
             self.abort(rid)  # finished before its load did: its blocks are about to be freed
-        elif self._owes_release(request):
+        elif self._pulls(request):
             self._release_remote(request.kv_transfer_params)  # finished before it was even matched
             self.count("released_early")
+        self.renewals.unwatch(rid)
         self._settled.discard(rid)
         if not self._sends(request, block_ids):
             return False, None
-        self.holds.hold(rid, block_ids, self.expiry_s)
+        self.holds.hold(rid, block_ids)
         host, port = self._endpoint()
         return True, {
             "kv_connector": self.name, "remote_engine_id": self.engine_id, "remote_host": host,
             "remote_port": port, "remote_block_ids": list(block_ids), "remote_request_id": rid,
-            "num_tokens": int(request.num_computed_tokens), "expires_at": time.time() + self.expiry_s,
+            "num_tokens": int(request.num_computed_tokens), "lease_s": self.lease_s,
             "block_size": self.wire_layout["block_size"],
         }
 
-    def _owes_release(self, request: Any) -> bool:
-        params = request.kv_transfer_params
-        return (self.role != KVConnectorRole.PRODUCER and bool(params) and "remote_block_ids" in params
-                and request.request_id not in self._settled and params.get("kv_connector", self.name) == self.name)
+    def held_block_budget(self, num_blocks: int) -> int | None:
+        if self.role == KVConnectorRole.CONSUMER or self.max_held_fraction >= 1.0:
+            return None
+        return max(1, int(self.max_held_fraction * num_blocks))
 
     def _sends(self, request: Any, block_ids: list[int]) -> bool:
         if self.role == KVConnectorRole.CONSUMER or not block_ids or request.num_computed_tokens <= 0:
@@ -342,9 +307,9 @@ class HandoffConnector(KVConnectorBase):
                 self._start_load(load)
 
     def get_finished(self) -> tuple[set[str], set[str], dict[str, str]]:
-        sent, expired = self.holds.poll()
-        if expired:
-            self.count("expired", expired)
+        sent = self.holds.poll()
+        for params, remote_ids in self.renewals.due().values():
+            self._send_control(params, {"op": "renew", "request_ids": remote_ids})
         recved: set[str] = set()
         failed: dict[str, str] = {}
         released: set[str] = set()
@@ -358,10 +323,13 @@ class HandoffConnector(KVConnectorBase):
         # Only what is still pending: an aborted load's late result is nobody's business.
         recved &= self._pending
         failed = {rid: why for rid, why in failed.items() if rid in self._pending and rid not in recved}
-        self._settled |= recved | (released & failed.keys())
+        self._settled |= recved | failed.keys()
         for rid in recved | failed.keys():
             self._pending.discard(rid)
-            self._remote.pop(rid, None)
+            self.renewals.unwatch(rid)
+            params = self._remote.pop(rid, None)
+            if rid in failed and rid not in released and params is not None:
+                self._release_remote(params)  # whatever the engine does next, it will not read them
         if failed:
             self.count("failures", len(failed))
             for rid, why in failed.items():
@@ -374,6 +342,7 @@ class HandoffConnector(KVConnectorBase):
             self.count("released_early")
         self._matched.pop(request_id, None)
         self._unstarted.pop(request_id, None)
+        self.renewals.unwatch(request_id)
         if request_id in self._pending:
             self._pending.discard(request_id)
             self._cancel_load(request_id)
@@ -387,7 +356,9 @@ class HandoffConnector(KVConnectorBase):
         with self._counters_lock:
             counters = dict(self._counters)
         return {"connector": self.name, "role": self.role.value, **counters, "held_requests": held_requests,
-                "held_blocks": held_blocks, "loads_in_flight": len(self._pending)}
+                "held_blocks": held_blocks, "loads_in_flight": len(self._pending), "lease_s": self.lease_s,
+                "expired": self.holds.expired, "leases_renewed": self.holds.renewals,
+                "renewals_sent": self.renewals.sent, "leases_watched": len(self.renewals)}
 
     def shutdown(self) -> None:
         if self._closed:

@@ -7,7 +7,7 @@ copies the real bytes cache to cache (one vectorised index copy), and tells the 
 where an asynchronous transport would report it. Connector and scheduler logic can thus be
 tested in milliseconds; ``zmq`` covers what only real sockets and processes show.
 
-Extra config: ``expiry_s`` (120).
+Extra config: ``lease_s`` (30), ``max_held_fraction`` (0.5).
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ class InprocConnector(HandoffConnector):
     def _cancel_load(self, request_id: str) -> None:
         """Loads finish inside start_load_kv, so nothing can still be writing."""
 
-    def _release_remote(self, params: dict[str, Any]) -> None:
+    def _send_control(self, params: dict[str, Any], msg: dict[str, Any]) -> None:
         producer = _producer(params["remote_engine_id"])
-        if producer is not None and producer.holds.release(params["remote_request_id"], "release"):
-            producer.count("released_early")
+        if producer is not None:
+            producer.on_control(msg)
 
     def _stop_transport(self) -> None:
         with _PRODUCERS_LOCK:

@@ -44,9 +44,9 @@ A reader of the producer's memory (CUDA IPC or host) holds its blocks by lease: 
 fill pins its blocks only while the producer copies them. Whichever side dies, nothing stays in
 /dev/shm (the producer unlinks the ring's name as it maps it).
 
-Extra config: as ``zmq`` (``expiry_s``, ``recv_timeout_s``, ``peer_idle_s``, ``advertise_host``),
+Extra config: as ``zmq`` (``lease_s``, ``max_held_fraction``, ``recv_timeout_s``, ``peer_idle_s``, ``advertise_host``),
 plus ``direct_read`` (true), ``board_slots`` (65536), ``cuda_ipc`` (true), ``share_host_cache`` (true),
-``ring_slots`` (8), ``ring_slot_bytes`` (32 MiB), ``lease_s`` (30). A ring takes ``ring_slots ×
+``ring_slots`` (8), ``ring_slot_bytes`` (32 MiB); an in-place reader's pin lasts ``lease_s`` too. A ring takes ``ring_slots ×
 ring_slot_bytes`` of /dev/shm per (consumer, producer) pair, reserved up front; a shared host cache
 takes its own size, a hold board 16 bytes a slot (their names are unlinked at shutdown, or by the
 next segment created on the machine if the producer was killed).
@@ -104,7 +104,6 @@ class IpcConnector(ZmqConnector):
         # 8 x 32 MiB: the best ring tried through host memory on an H200 (docs/BENCHMARKS.md).
         self.ring_slots = max(1, int(config.extra("ring_slots", 8)))
         self.ring_slot_bytes = int(config.extra("ring_slot_bytes", 32 << 20))
-        self.lease_s = float(config.extra("lease_s", 30.0))
         self.share_host_cache = bool(config.extra("share_host_cache", True))
         self.direct_read = bool(config.extra("direct_read", True))
         self.board_slots = max(1, int(config.extra("board_slots", 65536)))
@@ -217,7 +216,7 @@ class IpcConnector(ZmqConnector):
 
 
 @dataclass(eq=False)
-class _Lease:
+class _ReadPin:
     """Keeps a request's blocks allocated while a consumer reads them in place (CUDA IPC or the
     shared host cache): a HoldTable tracker, done at ``done``/``release`` or at ``until``."""
 
@@ -238,7 +237,7 @@ class _IpcServer(_Server):
         # A consumer closes a connection idle for peer_idle_s (and says detach); a ring unused for
         # twice that belongs to a consumer that died, and is unmapped.
         self._ring_used: dict[bytes, float] = {}
-        self._leases: dict[str, list[_Lease]] = {}
+        self._leases: dict[str, list[_ReadPin]] = {}
         self._export: dict[str, Any] | None = None
         self._stream: Any = None
         # GPU fills queued on _stream, oldest first: (done event, consumer, reply, request id). The
@@ -299,11 +298,12 @@ class _IpcServer(_Server):
                 self._drop_ring(ident)
             elif op in ("done", "release"):
                 rid = str(msg["request_id"])
-                if self.conn.holds.release(rid, op) and op == "release":
-                    self.conn.count("released_early")
+                self.conn.on_control(msg)
                 self.conn.count("bytes_sent", int(msg.get("bytes", 0)))  # what a one-sided reader took
                 for lease in self._leases.pop(rid, ()):
                     lease.finished = True
+            else:
+                self.conn.on_control(msg)  # renew
         except (ValueError, KeyError, TypeError) as e:
             logger.warning("malformed message from a consumer ignored: %s", e)
         except Exception as e:  # noqa: BLE001  (a CUDA or OS error must not end the server thread)
@@ -330,7 +330,7 @@ class _IpcServer(_Server):
         elif msg.get("ipc") and self._export is not None and msg.get("pid") != os.getpid():  # no IPC to oneself
             reply.update(mode="cuda_ipc", ipc=self._export)
         if reply["mode"] != "ring":  # the consumer copies out of our memory: the blocks stay by lease
-            lease = _Lease(time.monotonic() + self.conn.lease_s)
+            lease = _ReadPin(time.monotonic() + self.conn.lease_s)
             self._leases.setdefault(rid, []).append(lease)
             trackers.append(lease)
             reply.update(block_ids=_pack_ids(ids), pinned_until=lease.until)

@@ -78,6 +78,14 @@ class MultiConnector(KVConnectorBase):
         self._shares[request.request_id] = shares
         return total, load_async
 
+    def request_added(self, request: Any) -> None:
+        for c in self.connectors:
+            c.request_added(request)
+
+    def held_block_budget(self, num_blocks: int) -> int | None:
+        budgets = [b for c in self.connectors if (b := c.held_block_budget(num_blocks)) is not None]
+        return min(budgets) if budgets else None
+
     def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
         shares = self._shares.pop(request.request_id, [0] * len(self.connectors))
         left = num_external_tokens

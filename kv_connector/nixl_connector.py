@@ -41,7 +41,7 @@ two processes on one PCIe GPU fell back to TCP (0.25–0.42 GB/s measured on an 
 connector therefore passes ``engine_config: CUDA_IPC_ENABLE_GET_ZCOPY=y`` (NIXL leaves an
 explicit ``UCX_*`` environment variable alone, so the environment still wins).
 
-Extra config: ``expiry_s`` (120), ``recv_timeout_s`` (10: no side-channel answer or an
+Extra config: ``lease_s`` (30), ``max_held_fraction`` (0.5), ``recv_timeout_s`` (10: no side-channel answer or an
 unfinished READ for this long fails the load), ``peer_idle_s`` (30: an idle producer's socket
 and remote agent are dropped), ``backends`` (["UCX"]), ``backend_params`` ({backend: {param:
 value}}, merged over the defaults above), ``advertise_host``.
@@ -141,10 +141,9 @@ class NixlConnector(HandoffConnector):
     def _cancel_load(self, request_id: str) -> None:
         self._io.cancel(request_id)
 
-    def _release_remote(self, params: dict[str, Any]) -> None:
+    def _send_control(self, params: dict[str, Any], msg: dict[str, Any]) -> None:
         if self._io is not None:
-            self._io.command("send", (params["remote_host"], int(params["remote_port"])),
-                             {"op": "release", "request_id": params["remote_request_id"]})
+            self._io.command("send", (params["remote_host"], int(params["remote_port"])), msg)
 
     def _stop_transport(self) -> None:
         if self._io is not None:
@@ -191,7 +190,7 @@ class _Peer:
         return bool(self.waiting or self.asked or self.reading)
 
 
-class _Lease:
+class _ReadPin:
     """A producer's pin on held blocks while one consumer READs them: a HoldTable tracker."""
 
     def __init__(self, lease_s: float) -> None:
@@ -213,7 +212,7 @@ class _Io(threading.Thread):
         self._live: dict[str, _Xfer] = {}
         self._ids = itertools.count(1)
         self._peers: dict[tuple[str, int], _Peer] = {}
-        self._leases: dict[str, _Lease] = {}  # producer: "reader:xfer" -> lease
+        self._leases: dict[str, _ReadPin] = {}  # producer: "reader:xfer" -> lease
         self.num_peers = self.num_agents = self.num_xfers = self.num_leases = 0
         cache = conn.kv_cache
         self.mem_type = "DRAM" if cache.device.type == "cpu" else "VRAM"
@@ -347,6 +346,8 @@ class _Io(threading.Thread):
                     self._serve_read(ident, msg)
                 elif op in ("done", "release"):
                     self._end(msg)
+                else:
+                    self.conn.on_control(msg)  # renew
             except (ValueError, KeyError, TypeError) as e:
                 logger.warning("malformed side-channel message ignored: %s", e)
             except zmq.ZMQError as e:
@@ -362,7 +363,7 @@ class _Io(threading.Thread):
         if isinstance(ids, str):
             self._reply(ident, {"op": "error", "xfer": xfer, "msg": ids})
             return
-        lease = _Lease(float(msg.get("lease_s", 20.0)))
+        lease = _ReadPin(float(msg.get("lease_s", 20.0)))
         self._leases[f"{msg['reader']}:{xfer}"] = lease
         self.num_leases = len(self._leases)
         self.conn.holds.unpin(rid, [lease])  # the lease, not the pin, now keeps the blocks
@@ -379,8 +380,7 @@ class _Io(threading.Thread):
         if lease is not None:
             lease.ended = True
             self.num_leases = len(self._leases)
-        if self.conn.holds.release(rid, op) and op == "release":
-            self.conn.count("released_early")
+        self.conn.on_control({"op": op, "request_id": rid})
 
     def _check_notifs(self) -> None:
         if self.router is None:

@@ -38,6 +38,9 @@ def known_connectors() -> list[str]:
 
 def create_connector(config: KVTransferConfig) -> KVConnectorBase:
     factory = _FACTORIES.get(config.kv_connector)
+    if factory is None and config.kv_connector == "auto":
+        raise ValueError("kv_connector 'auto' names no connector by itself: kvfabric up/serve resolve it by "
+                         "topology (kv_connector.auto.resolve_auto); name one here")
     if factory is None:
         raise ValueError(f"unknown kv_connector {config.kv_connector!r}; known: {', '.join(known_connectors())}")
     if isinstance(factory, str):

@@ -28,7 +28,7 @@ connection breaks (killed: UCX says so at once), fails every load on it; its end
 cancelling the posted receives, before the failures are reported, so whoever sees a failure finds
 nothing of that peer left.
 
-Extra config: ``expiry_s`` (120), ``recv_timeout_s`` (10), ``peer_idle_s`` (30),
+Extra config: ``lease_s`` (30), ``max_held_fraction`` (0.5), ``recv_timeout_s`` (10), ``peer_idle_s`` (30),
 ``advertise_host``, ``ucx_config`` (UCX settings without the ``UCX_`` prefix; default
 ``RNDV_SCHEME: put_zcopy``; ``UCX_*`` environment variables win), ``peer_error_handling`` (true;
 false lets host-memory transfers on one machine use shared memory, and a dead producer is then
@@ -144,10 +144,9 @@ class UcxConnector(HandoffConnector):
     def _cancel_load(self, request_id: str) -> None:
         self._io.cancel(request_id)
 
-    def _release_remote(self, params: dict[str, Any]) -> None:
+    def _send_control(self, params: dict[str, Any], msg: dict[str, Any]) -> None:
         if self._io is not None:
-            self._io.command("send", (params["remote_host"], int(params["remote_port"])),
-                             {"op": "release", "request_id": params["remote_request_id"]})
+            self._io.command("send", (params["remote_host"], int(params["remote_port"])), msg)
 
     def _stop_transport(self) -> None:
         if self._io is not None:
@@ -345,9 +344,7 @@ class _Io(threading.Thread):
 
     def _serve(self, e: _Ep, msg: dict[str, Any], raw: bytes) -> None:
         op = msg["op"]
-        if op in ("done", "release"):
-            if self.conn.holds.release(str(msg["request_id"]), op) and op == "release":
-                self.conn.count("released_early")
+        if self.conn.on_control(msg):  # renew, done, release
             return
         if op != "read":
             return

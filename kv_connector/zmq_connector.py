@@ -11,6 +11,7 @@ Wire (JSON for the small control messages, raw bytes for blocks, nothing pickled
                                                            × one per run of consecutive block ids
     {"op": "done", "request_id"}                     ──▶   release → finished_sending (blocks freed)
     {"op": "release", "request_id"}  (on abort)      ──▶   same, at once
+    {"op": "renew", "request_ids"}  (every lease_s/3) ──▶   extend the leases (kv_connector/lease.py)
 
 The layout handshake rides in ``read``/``accept``: the producer refuses a read whose layout
 differs (and the consumer double-checks ``accept``), so a mismatch costs no extra round trip and
@@ -18,13 +19,13 @@ fails only that request. Block-major caches make consecutive block ids consecuti
 run of up to ``max_frame_bytes`` goes out as one zero-copy frame; a tracker on each frame keeps
 the producer's blocks allocated until ZeroMQ has finished reading them.
 
-Threads: the producer's server thread owns the ROUTER and only reads blocks the ``HoldTable``
+Threads: the producer's server thread owns the ROUTER and only reads blocks the ``LeaseTable``
 has pinned. The consumer's IO thread owns one DEALER per producer, multiplexes transfers on it
 by ``xfer`` id, and fails every transfer on a producer that has sent nothing for
 ``recv_timeout_s`` (unreachable, or died mid-transfer), closing that socket. Frame writes take a
 lock that ``abort`` also takes, so no byte lands in an aborted request's blocks afterwards.
 
-Extra config: ``expiry_s`` (120), ``recv_timeout_s`` (10), ``max_frame_bytes`` (4 MiB),
+Extra config: ``lease_s`` (30), ``max_held_fraction`` (0.5), ``recv_timeout_s`` (10), ``max_frame_bytes`` (4 MiB),
 ``peer_idle_s`` (30: an idle producer socket is closed), ``advertise_host``.
 """
 
@@ -97,10 +98,9 @@ class ZmqConnector(HandoffConnector):
     def _cancel_load(self, request_id: str) -> None:
         self._client.cancel(request_id)
 
-    def _release_remote(self, params: dict[str, Any]) -> None:
+    def _send_control(self, params: dict[str, Any], msg: dict[str, Any]) -> None:
         if self._client is not None:
-            self._client.send((params["remote_host"], int(params["remote_port"])),
-                              {"op": "release", "request_id": params["remote_request_id"]})
+            self._client.send((params["remote_host"], int(params["remote_port"])), msg)
 
     def _stop_transport(self) -> None:
         for t in (self._client, self._server):
@@ -165,9 +165,8 @@ class _Server(threading.Thread):
             op = msg["op"]
             if op == "read":
                 self._serve(ident, msg)
-            elif op in ("done", "release"):
-                if self.conn.holds.release(str(msg["request_id"]), op) and op == "release":
-                    self.conn.count("released_early")
+            else:
+                self.conn.on_control(msg)  # renew, done, release
         except (ValueError, KeyError, TypeError) as e:
             logger.warning("malformed message from a consumer ignored: %s", e)
 

@@ -80,7 +80,12 @@ class KVFabricConfig:
     proxy: ProxySection = field(default_factory=ProxySection)
     prefill: RoleSection = field(default_factory=RoleSection)
     decode: RoleSection = field(default_factory=RoleSection)
-    kv_transfer_config: dict[str, Any] = field(default_factory=lambda: {"kv_connector": "zmq"})
+    # auto: the transport follows the topology (kv_connector/auto.py); lease_s: how long prefill
+    # holds a request's blocks without a renewal from decode; kv_load_failure_policy: what decode
+    # does when a load fails; max_held_fraction: prefill's cache share that unread blocks may fill.
+    kv_transfer_config: dict[str, Any] = field(default_factory=lambda: {
+        "kv_connector": "auto", "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"lease_s": 30.0, "max_held_fraction": 0.5}})
     tiers: dict[str, Any] = field(default_factory=dict)
     # Absent (None) unless configured: without it nothing starts and no connector is touched.
     lmcache_server: LMCacheServerSection | None = field(default=None, metadata={"section": LMCacheServerSection})

@@ -24,7 +24,18 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF-format model directory (default: bundled SmolLM2)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--kv-connector", default=None, help="connector name, e.g. zmq")
+    p.add_argument("--kv-connector", default=None,
+                   help="auto (default: ipc on one host, else nixl, ucx, zmq; logged at start) | zmq | ipc | "
+                        "nixl | ucx | lmcache | tiered | multi")
+    p.add_argument("--kv-lease-s", type=float, default=None,
+                   help="prefill holds a request's KV blocks this long without a renewal from decode, which "
+                        "renews every lease/3 while the request waits (default 30)")
+    p.add_argument("--kv-load-failure-policy", choices=("recompute", "fail"), default=None,
+                   help="a failed KV load: decode recomputes the prompt and the stream goes on (recompute, "
+                        "default), or the request fails (fail)")
+    p.add_argument("--kv-max-held-fraction", type=float, default=None,
+                   help="backpressure: past this share of prefill's KV cache held for decode, prefill admits "
+                        "no new prompt until decode reads (default 0.5)")
     p.add_argument("--kv-transfer-config", default=None, help="vLLM-style JSON: {\"kv_connector\": ...}")
     p.add_argument("--dcp-size", type=int, default=None, help="decode context parallel ranks")
     p.add_argument("--api-key", default=None, help="require this bearer token at the proxy")
@@ -44,6 +55,12 @@ def apply_config_flags(cfg: KVFabricConfig, args: argparse.Namespace) -> KVFabri
             raise ValueError(f"--kv-transfer-config is not valid JSON: {e}") from None
     if getattr(args, "kv_connector", None):
         cfg.kv_transfer_config = {**cfg.kv_transfer_config, "kv_connector": args.kv_connector}
+    if getattr(args, "kv_load_failure_policy", None):
+        cfg.kv_transfer_config = {**cfg.kv_transfer_config, "kv_load_failure_policy": args.kv_load_failure_policy}
+    for flag, key in (("kv_lease_s", "lease_s"), ("kv_max_held_fraction", "max_held_fraction")):
+        if getattr(args, flag, None) is not None:
+            extra = {**(cfg.kv_transfer_config.get("kv_connector_extra_config") or {}), key: getattr(args, flag)}
+            cfg.kv_transfer_config = {**cfg.kv_transfer_config, "kv_connector_extra_config": extra}
     if getattr(args, "dcp_size", None):
         cfg.decode.dcp_size = args.dcp_size
     if getattr(args, "api_key", None):

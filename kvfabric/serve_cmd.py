@@ -65,9 +65,16 @@ def connector_spec(cfg: KVFabricConfig, role: str) -> dict | None:
     connector, since it is a cache as well as the hand-off (a colocated engine then reuses the
     prefixes every instance put on a shared LMCache server)."""
     transport = {**cfg.kv_transfer_config, "kv_role": _KV_ROLES.get(role, "kv_both")}
+    if role in _KV_ROLES:
+        from kv_connector.auto import resolve_auto
+
+        transport, why = resolve_auto(transport, cfg.prefill.host, cfg.decode.host)
+        if why is not None:
+            logger.info("%s", why)
     tiered = {"kv_connector": "tiered", "kv_role": "kv_both", "kv_connector_extra_config": cfg.tiers}
     if role == "prefill" and cfg.tiers:
-        return {"kv_connector": "multi", "kv_role": "kv_producer",
+        policy = {k: transport[k] for k in ("kv_load_failure_policy",) if k in transport}
+        return {"kv_connector": "multi", "kv_role": "kv_producer", **policy,
                 "kv_connector_extra_config": {"connectors": [tiered, transport]}}
     if role == "colocated":
         caches = ([tiered] if cfg.tiers else []) + ([transport] if transport["kv_connector"] == "lmcache" else [])

@@ -153,6 +153,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = apply_config_flags(KVFabricConfig.load(args.config), args)
     if args.port is not None:
         cfg.proxy.port = args.port
+    if not args.colocated:  # decided once here: every engine reads the concrete name
+        from kv_connector.auto import resolve_auto
+
+        cfg.kv_transfer_config, why = resolve_auto(cfg.kv_transfer_config, cfg.prefill.host, cfg.decode.host)
+        if why is not None:
+            logger.info("%s", why)
     server = lmcache_server_child(cfg)
     workdir = Path(tempfile.mkdtemp(prefix="kvfabric-up-"))
     config_path = workdir / "config.yaml"

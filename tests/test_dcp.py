@@ -158,7 +158,7 @@ def test_kv_pulled_from_a_prefill_engine_lands_on_its_owners(model_dir, referenc
 
     def connector(role):
         return create_connector(KVTransferConfig(kv_connector="inproc", kv_role=role,
-                                                 kv_connector_extra_config={"expiry_s": 60}))
+                                                 kv_connector_extra_config={"lease_s": 60}))
 
     prefill = LLMEngine(config(model_dir, num_kv_blocks=64), kv_connector=connector("kv_producer"))
     try:

@@ -24,7 +24,7 @@ def make_engine(model_dir, connector_name=None, role=None, **kw):
     conn = None
     if connector_name:
         conn = create_connector(KVTransferConfig(kv_connector=connector_name, kv_role=role,
-                                                 kv_connector_extra_config={"expiry_s": 60}))
+                                                 kv_connector_extra_config={"lease_s": 60}))
     return LLMEngine(EngineConfig(model=str(model_dir), dtype="float32", **kw), kv_connector=conn)
 
 

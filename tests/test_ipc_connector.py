@@ -150,7 +150,7 @@ def test_segments_of_dead_creators_are_swept():
 
 
 def test_a_producer_on_another_machine_is_refused(connectors):
-    producer = connectors("ipc", "kv_producer", expiry_s=60)
+    producer = connectors("ipc", "kv_producer", lease_s=60)
     consumer = connectors("ipc", "kv_consumer")
     consumer.machine = "another-boot-id"
     consume(consumer, "d", produce(producer, "p", [5, 6], num_tokens=8), [20, 21])
@@ -214,7 +214,7 @@ def test_a_ring_that_cannot_be_made_fails_the_load_clearly_and_leaves_nothing(co
                                                                               what, fault, expect):
     import importlib
 
-    producer = connectors("ipc", "kv_producer", expiry_s=60, **RING)
+    producer = connectors("ipc", "kv_producer", lease_s=60, **RING)
     consumer = connectors("ipc", "kv_consumer")
     owner, attr = what.rsplit(".", 1)
     monkeypatch.setattr(getattr(importlib.import_module(f"kv_connector.{where}"), owner), attr, fault)
@@ -246,7 +246,7 @@ def test_a_consumer_killed_mid_load_leaves_the_producer_nothing(connectors):
     and nothing of either is left in /dev/shm."""
     n = 256  # 256 blocks of 64 KiB through two 1 MiB slots: 1,024 fills, far longer than the kill takes
     layout = {"block_size": 16, "num_layers": 4, "num_kv_heads": 8, "head_dim": 32}
-    producer = connectors("ipc", "kv_producer", num_blocks=n + 1, layout=layout, expiry_s=3, peer_idle_s=0.5, **RING)
+    producer = connectors("ipc", "kv_producer", num_blocks=n + 1, layout=layout, lease_s=3, peer_idle_s=0.5, **RING)
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-c", _CONSUMER, json.dumps(producer.wire_layout), str(n)], env=env,

@@ -205,32 +205,62 @@ def test_blocks_held_until_consumer_says_done(connectors, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_expiry_releases_when_the_consumer_never_comes(connectors, name):
-    producer = connectors(name, "kv_producer", expiry_s=0.2)
+    producer = connectors(name, "kv_producer", lease_s=0.2)
     consumer = connectors(name, "kv_consumer", recv_timeout_s=2.0)
     params = produce(producer, "p", [5, 6], num_tokens=8)
+    assert params["lease_s"] == 0.2
     t0 = time.monotonic()
     sent, _, _ = poll(producer, lambda s, r, f: s, timeout=3)
     assert sent == {"p"} and 0.2 <= time.monotonic() - t0 < 2
     assert producer.stats()["expired"] == 1
 
-    params["expires_at"] = time.time() + 60  # a consumer with a skewed clock still asks: refused
-    consume(consumer, "d", params, [20, 21])
+    consume(consumer, "d", params, [20, 21])  # too late: refused
     _, _, failed = poll(consumer, lambda s, r, f: f)
     assert "not held here" in failed["d"]
     assert_clean(producer, consumer)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_expired_params_are_recomputed_locally(connectors, name):
+def test_a_queued_request_renews_its_lease_until_it_loads(connectors, name):
+    """Queued on the consumer (not yet matched) for 3 leases: renewals keep the blocks; the load works."""
+    producer = connectors(name, "kv_producer", lease_s=1.5)  # generous: a cold UCX endpoint, a busy CPU
     consumer = connectors(name, "kv_consumer")
-    params = {"kv_connector": name, "remote_block_ids": [1], "num_tokens": 4, "expires_at": time.time() - 1}
-    req = FakeRequest("d", list(range(4)), output_token_ids=[1], kv_transfer_params=params)
-    assert consumer.get_num_new_matched_tokens(req, 0) == (0, False)
+    params = produce(producer, "p", [5, 6, 7], num_tokens=12)
+    queued = FakeRequest("d", list(range(12)), output_token_ids=[1], kv_transfer_params=params)
+    consumer.request_added(queued)
+    deadline = time.monotonic() + 4.5
+    while time.monotonic() < deadline:  # both engines keep stepping; the consumer's queue does not move
+        assert producer.get_finished()[0] == set()
+        consumer.get_finished()
+        time.sleep(0.01)
+    s = producer.stats()
+    assert s["expired"] == 0 and s["held_blocks"] == 3 and s["leases_renewed"] >= 4, s
+    assert consumer.stats()["renewals_sent"] >= 4
+    consume(consumer, "d", params, [20, 21, 22])
+    _, recved, failed = poll(consumer, lambda s, r, f: r or f)
+    assert recved == {"d"} and not failed
+    poll(producer, lambda s, r, f: s)
+    assert consumer.stats()["leases_watched"] == 0
+    assert_clean(producer, consumer)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_renewals_stop_when_the_consumer_drops_the_request(connectors, name):
+    producer = connectors(name, "kv_producer", lease_s=0.3)
+    consumer = connectors(name, "kv_consumer")
+    params = produce(producer, "p", [5, 6], num_tokens=8)
+    queued = FakeRequest("d", list(range(8)), output_token_ids=[1], kv_transfer_params=params)
+    consumer.request_added(queued)
+    consumer.get_finished()
+    consumer.request_finished(queued, [])  # finished (aborted) before it was matched: released at once
+    sent, _, _ = poll(producer, lambda s, r, f: s, timeout=3)
+    assert sent == {"p"} and producer.stats()["expired"] == 0
+    assert_clean(producer, consumer)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_consumer_abort_releases_producer_blocks_at_once(connectors, name):
-    producer = connectors(name, "kv_producer", expiry_s=60)
+    producer = connectors(name, "kv_producer", lease_s=60)
     consumer = connectors(name, "kv_consumer")
     params = produce(producer, "p", [5, 6, 7], num_tokens=12)
     req = FakeRequest("d", list(range(12)), output_token_ids=[1], kv_transfer_params=params)
@@ -251,7 +281,7 @@ def test_consumer_abort_releases_producer_blocks_at_once(connectors, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_consumer_request_finished_before_load_releases(connectors, name):
-    producer = connectors(name, "kv_producer", expiry_s=60)
+    producer = connectors(name, "kv_producer", lease_s=60)
     consumer = connectors(name, "kv_consumer")
     params = produce(producer, "p", [5, 6], num_tokens=8)
     req = FakeRequest("d", list(range(8)), output_token_ids=[1], kv_transfer_params=params)
@@ -294,7 +324,7 @@ def test_unknown_request_on_producer_fails_clearly(connectors, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_layout_mismatch_is_a_clear_error(connectors, name):
-    producer = connectors(name, "kv_producer", expiry_s=60)
+    producer = connectors(name, "kv_producer", lease_s=60)
     consumer = connectors(name, "kv_consumer", layout={"head_dim": 16})
     params = produce(producer, "p", [5, 6], num_tokens=8)
     before = blocks(consumer, [20, 21]).clone()
@@ -407,7 +437,7 @@ def test_producer_reports_its_ephemeral_port(connectors):
     params = produce(producer, "p", [1], num_tokens=2)
     assert params["remote_host"] == "127.0.0.1" and params["remote_port"] > 0
     assert params["remote_block_ids"] == [1] and params["remote_engine_id"] == producer.engine_id
-    assert params["expires_at"] > time.time() + 100
+    assert params["lease_s"] == 30.0  # vLLM's default lease
 
 
 def test_runs_group_consecutive_block_ids():

@@ -116,10 +116,17 @@ def test_abort_of_waiting_and_running_requests_frees_everything():
 class RecordingConnector:
     """A stand-in for a transport: loads finish when the test says so."""
 
-    def __init__(self, remote_tokens=0, hold=False):
+    def __init__(self, remote_tokens=0, hold=False, policy="recompute", held_budget=None):
         self.remote_tokens, self.hold = remote_tokens, hold
-        self.allocated, self.aborted = {}, []
+        self.kv_load_failure_policy, self.budget = policy, held_budget
+        self.allocated, self.aborted, self.added = {}, [], []
         self.sent, self.received, self.failed = set(), set(), {}
+
+    def request_added(self, request):
+        self.added.append(request.request_id)
+
+    def held_block_budget(self, num_blocks):
+        return self.budget
 
     def get_num_new_matched_tokens(self, request, num_computed):
         if request.kv_transfer_params is None:
@@ -161,8 +168,8 @@ def test_remote_kv_request_waits_outside_the_batch_then_decodes():
     assert_clean(sched)
 
 
-def test_failed_load_finishes_the_request_with_an_error():
-    conn = RecordingConnector(remote_tokens=10)
+def test_failed_load_under_policy_fail_finishes_the_request_with_an_error():
+    conn = RecordingConnector(remote_tokens=10, policy="fail")
     sched = make_scheduler(connector=conn)
     sched.add_request(make_request("d", 10, kv_transfer_params={"remote": 1}))
     run_step(sched)
@@ -170,6 +177,49 @@ def test_failed_load_finishes_the_request_with_an_error():
     run_step(sched)
     [done] = sched.take_finished()
     assert done.status == RequestStatus.FINISHED_ABORTED and "peer vanished" in sched.errors["d"]
+    assert_clean(sched)
+
+
+def test_failed_load_is_recomputed_with_the_first_token_not_sampled_again():
+    conn = RecordingConnector(remote_tokens=10)
+    sched = make_scheduler(connector=conn)
+    req = make_request("d", 10, max_tokens=3, kv_transfer_params={"remote": 1})
+    req.output_token_ids.append(5)  # streamed by prefill already
+    sched.add_request(req)
+    assert conn.added == ["d"]  # the connector knows it before it is ever scheduled
+    run_step(sched)
+    assert req.status == RequestStatus.WAITING_FOR_REMOTE_KV
+    conn.failed["d"] = "lease ran out"
+    out = run_step(sched)
+    # Prompt and first token computed here in one go; the step samples the second token.
+    assert out.num_scheduled_tokens == {"d": 11}
+    assert req.kv_transfer_params is None and "d" not in sched.errors
+    drain(sched)
+    assert req.output_token_ids == [5, 7, 7] and req.status == RequestStatus.FINISHED_LENGTH
+    assert sched.stats()["kv_load_failures_recomputed"] == 1
+    assert_clean(sched)
+
+
+def test_held_blocks_over_budget_stop_admission_without_failing_anything():
+    conn = RecordingConnector(hold=True, held_budget=3)
+    sched = make_scheduler(connector=conn)
+    for rid in "abc":
+        sched.add_request(make_request(rid, 9, max_tokens=1))  # 3 blocks each
+    run_step(sched)  # a (9 tokens) and b's first 7: the step's budget
+    while len(sched.held) < 2:
+        run_step(sched)
+    assert set(sched.held) == {"a", "b"}  # a alone (3 blocks) reached the budget: c waits
+    for _ in range(5):
+        assert run_step(sched).scheduled == []
+    assert [r.request_id for r in sched.waiting] == ["c"] and not sched.errors
+    assert sched.stats()["num_backpressure_steps"] >= 5
+    conn.sent |= {"a", "b"}  # decode read them: admission resumes
+    run_step(sched)
+    assert "c" in sched.held or sched.running
+    conn.sent.add("c")
+    drain(sched)
+    conn.sent.add("c")
+    run_step(sched)
     assert_clean(sched)
 
 

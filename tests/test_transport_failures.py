@@ -118,7 +118,8 @@ def test_producer_killed_mid_transfer_fails_that_request_and_leaks_nothing(name,
     # torch's BLAS and OpenMP pools start on first use; start them before the baseline.
     (torch.randn(1024, 1024) @ torch.randn(1024, 1024)).exp_().softmax(-1).sum()
     threads_before = _native_threads()
-    conn = create_connector(KVTransferConfig(kv_connector=name, kv_role="kv_consumer",
+    # Policy "fail": the failure itself is under test (recompute is tested in test_disagg_leases.py).
+    conn = create_connector(KVTransferConfig(kv_connector=name, kv_role="kv_consumer", kv_load_failure_policy="fail",
                                              kv_connector_extra_config={"recv_timeout_s": RECV_TIMEOUT_S, **extra}))
     engine = LLMEngine(EngineConfig(model=str(wide_kv_model), dtype="float32", device="cpu",
                                     num_kv_blocks=NUM_BLOCKS + 4, max_model_len=(NUM_BLOCKS + 2) * 16),

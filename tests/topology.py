@@ -43,7 +43,7 @@ class Topology:
             "prefill": {"ports": [self.prefill_port]},
             "decode": {"ports": [self.decode_port]},
             "kv_transfer_config": {"kv_connector": kv_connector,
-                                   "kv_connector_extra_config": {"expiry_s": 4, "recv_timeout_s": 3}},
+                                   "kv_connector_extra_config": {"lease_s": 4, "recv_timeout_s": 3}},
             **(extra or {}),
         }
         self.config_path = workdir / ("colocated.yaml" if colocated else "disagg.yaml")
