@@ -33,9 +33,12 @@ SHORT_TOKENS = 8
 ENGINE = {"max_num_seqs": 1}
 
 
+HELD_FRACTION = 0.01  # zmq's prefill: ~3 of its ~360 blocks may wait for decode (backpressure)
+
+
 def _topology(workdir, connector: str) -> Topology:
     extra = {"kv_transfer_config": {"kv_connector": connector, "kv_connector_extra_config": {
-        "lease_s": LEASE_S, "recv_timeout_s": 3}}}
+        "lease_s": LEASE_S, "recv_timeout_s": 3, **({"max_held_fraction": HELD_FRACTION} if connector == "zmq" else {})}}}
     return Topology(workdir / connector, kv_connector=connector, engine=ENGINE, extra=extra)
 
 
@@ -96,7 +99,8 @@ def test_leases_are_renewed_under_a_decode_backlog_longer_than_the_lease(topolog
     assert prefill["connector_expired"] == 0
     assert prefill["connector_leases_renewed"] > 0 and decode["connector_renewals_sent"] > 0
     assert decode["kv_load_failures_recomputed"] == before["kv_load_failures_recomputed"]
-    assert decode["connector_transfers"] - before["connector_transfers"] == len(QUEUED)  # pulled, not recomputed
+    # Every one pulled (the long one too), none recomputed.
+    assert decode["connector_transfers"] - before["connector_transfers"] == len(QUEUED) + 1
     texts = {p: results[p].json()["choices"][0]["text"] for p in QUEUED}
     assert texts == reference
     topo.wait_for("prefill", lambda s: s["connector_held_requests"] == 0 and s["num_held_for_transfer"] == 0)
@@ -135,6 +139,31 @@ def test_a_second_turn_pulls_only_the_blocks_decode_does_not_have(topologies):
     assert s2["connector_bytes_received"] - s1["connector_bytes_received"] == 3 * block_bytes
     assert s2["kv_load_failures_recomputed"] == s0["kv_load_failures_recomputed"]
     assert s2["prefix_cache_hits"] - s1["prefix_cache_hits"] >= 4 * bs  # decode counted its own hits
+
+
+def test_backpressure_holds_prompts_at_prefill_and_fails_none(topologies):
+    topo = topologies[1]
+    before = topo.stats("prefill")
+    budget = int(HELD_FRACTION * before["num_blocks"])
+    results: dict = {}
+    threads = [_in_background(topo, LONG["prompt"], LONG["max_tokens"], results)]
+    topo.wait_for("decode", lambda s: s["num_running"] == 1, timeout=120)
+    prompts = [f"Question {i}: what is the tallest mountain on each continent, and how tall is it?" * 2
+               for i in range(4)]  # ~40 tokens: 3 blocks each, the budget's worth
+    threads += [_in_background(topo, p, SHORT_TOKENS, results) for p in prompts]
+    # Decode is busy: one prompt's blocks wait for it, the others wait at prefill, not computed.
+    s = topo.wait_for("prefill", lambda s: s["connector_held_requests"] >= 1 and s["num_waiting"] >= 2,
+                      timeout=120)
+    assert s["connector_held_blocks"] >= budget
+    for t in threads:
+        t.join(timeout=300)
+    for p in prompts:
+        assert results[p].status_code == 200, results[p].text
+        assert results[p].json()["usage"]["completion_tokens"] == SHORT_TOKENS
+    after = topo.stats("prefill")
+    assert after["num_backpressure_steps"] > before["num_backpressure_steps"]
+    assert after["connector_expired"] == before["connector_expired"]
+    topo.wait_for("prefill", lambda s: s["connector_held_requests"] == 0)
 
 
 def test_a_failed_load_is_recomputed_and_the_client_never_sees_it(topologies, reference):
