@@ -14,7 +14,7 @@ _ENGINE_FLAGS = {  # flag -> (EngineSection field, type)
     "--max-model-len": ("max_model_len", int),
     "--kv-cache-bytes": ("kv_cache_bytes", int),
     "--num-kv-blocks": ("num_kv_blocks", int),
-    "--gpu-memory-utilization": ("gpu_memory_utilization", float),
+    "--gpu-memory-utilization": ("gpu_memory_utilization", float),  # of total GPU memory, per engine
     "--attention-backend": ("attention_backend", str),
 }
 
@@ -31,6 +31,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     for flag, (_, kind) in _ENGINE_FLAGS.items():
         p.add_argument(flag, type=kind, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--prefill-gpus", default=None, help="`up`: GPU ids for the prefill engines, e.g. 0")
+    p.add_argument("--decode-gpus", default=None, help="`up`: GPU ids for the decode engines, e.g. 1")
 
 
 def apply_config_flags(cfg: KVFabricConfig, args: argparse.Namespace) -> KVFabricConfig:
@@ -52,6 +54,9 @@ def apply_config_flags(cfg: KVFabricConfig, args: argparse.Namespace) -> KVFabri
         value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if value is not None:
             setattr(cfg.engine, field_name, value)
+    for role in ("prefill", "decode"):
+        if getattr(args, f"{role}_gpus", None) is not None:
+            getattr(cfg, role).gpus = getattr(args, f"{role}_gpus")
     if getattr(args, "no_prefix_caching", False):
         cfg.engine.enable_prefix_caching = False
     return cfg
