@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from proxy.config import DisaggregationConfig
+
 
 @dataclass
 class EngineSection:
@@ -41,6 +43,7 @@ class ProxySection:
     api_key: str | None = None
     served_model_name: str | None = None
     health_interval_s: float = 5.0  # how often the proxy checks each engine
+    disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)  # proxy/adaptive.py
 
 
 @dataclass

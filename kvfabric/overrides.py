@@ -21,7 +21,9 @@ _ENGINE_FLAGS = {  # flag -> (EngineSection field, type)
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config file (see kvfabric.example.yaml)")
-    p.add_argument("--model", default=None, help="HF-format model directory (default: bundled SmolLM2)")
+    p.add_argument("--model", default=None, help="HF-format model directory, or preset:NAME (random weights of "
+                   "that shape with the bundled SmolLM2 tokenizer: llama-3.1-8b, qwen3-0.6b, tiny-llama, ...); "
+                   "default: the bundled SmolLM2-135M-Instruct")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--kv-connector", default=None, help="connector name, e.g. zmq")
@@ -31,6 +33,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     for flag, (_, kind) in _ENGINE_FLAGS.items():
         p.add_argument(flag, type=kind, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--disaggregation", choices=["always", "adaptive", "never"], default=None,
+                   help="where prompts are prefilled: always on a prefill instance, adaptive per request, or "
+                        "never (on decode); thresholds in proxy.disaggregation of the config")
     p.add_argument("--prefill-gpus", default=None, help="`up`: GPU ids for the prefill engines, e.g. 0")
     p.add_argument("--decode-gpus", default=None, help="`up`: GPU ids for the decode engines, e.g. 1")
 
@@ -54,6 +59,8 @@ def apply_config_flags(cfg: KVFabricConfig, args: argparse.Namespace) -> KVFabri
         value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if value is not None:
             setattr(cfg.engine, field_name, value)
+    if getattr(args, "disaggregation", None):
+        cfg.proxy.disaggregation.policy = args.disaggregation
     for role in ("prefill", "decode"):
         if getattr(args, f"{role}_gpus", None) is not None:
             getattr(cfg, role).gpus = getattr(args, f"{role}_gpus")
