@@ -21,7 +21,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
     max_num_seqs: int = 64
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-    gpu_memory_utilization: float = 0.9  # fraction of free GPU memory the KV cache may take
+    gpu_memory_utilization: float = 0.9  # fraction of the GPU's total memory this engine may use
     kv_cache_bytes: int | None = None  # KV budget in bytes (CPU default: 1 GiB)
     num_kv_blocks: int | None = None  # exact block count; overrides both budgets (tests)
     enable_prefix_caching: bool = True

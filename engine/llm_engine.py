@@ -19,6 +19,7 @@ from engine.attention.backend import get_attention_backend
 from engine.block_hash import model_hash_seed
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_budget import GPUMemory, activation_bytes, kv_budget_bytes
 from engine.kv_cache_manager import KVCacheManager
 from engine.model_runner import ModelRunner, kv_cache_shape
 from engine.models import load_model, resolve_model_path
@@ -120,10 +121,13 @@ class LLMEngine:
         block_bytes = torch.Size(kv_cache_shape(self.model_config, 1, cfg.block_size)).numel() * self.dtype.itemsize
         if cfg.kv_cache_bytes is not None:
             budget = cfg.kv_cache_bytes
-        elif self.device.type == "cuda":
+        elif self.device.type == "cuda":  # this engine's share of the whole GPU (engine/kv_budget.py)
             free, total = torch.cuda.mem_get_info(self.device)
-            # Leave room for activations and CUDA graphs beyond what the utilization cap keeps back.
-            budget = int(free - total * (1.0 - cfg.gpu_memory_utilization)) - (1 << 30)
+            mc = self.model_config
+            budget = kv_budget_bytes(GPUMemory(total, free, torch.cuda.memory_reserved(self.device)),
+                                     cfg.gpu_memory_utilization, activation_bytes(
+                                         cfg.max_num_batched_tokens, mc.hidden_size, mc.intermediate_size,
+                                         mc.vocab_size, cfg.max_num_seqs, self.dtype.itemsize))
         else:
             budget = _CPU_KV_BYTES
         return max(budget // block_bytes, 2)

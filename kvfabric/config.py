@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from proxy.config import DisaggregationConfig
+
 
 @dataclass
 class EngineSection:
@@ -23,7 +25,9 @@ class EngineSection:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.9
+    # Fraction of the GPU's total memory each engine may use (weights, activations, KV cache).
+    # None: 0.9 for an engine alone on its GPU, 0.9 split evenly among engines sharing one.
+    gpu_memory_utilization: float | None = None
     kv_cache_bytes: int | None = None
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
@@ -39,6 +43,7 @@ class ProxySection:
     api_key: str | None = None
     served_model_name: str | None = None
     health_interval_s: float = 5.0  # how often the proxy checks each engine
+    disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)  # proxy/adaptive.py
 
 
 @dataclass
@@ -47,6 +52,8 @@ class RoleSection:
     host: str = "127.0.0.1"  # services bind to loopback unless told otherwise
     ports: list[int] = field(default_factory=list)  # empty: chosen free at start-up
     dcp_size: int = 1
+    gpus: str | None = None  # `kvfabric up`: GPU ids for this role's engines ("0", "1,2"); None: laid out in turn
+    gpu_memory_utilization: float | None = None  # this role's engines; None: the engine section's
 
 
 @dataclass

@@ -14,14 +14,16 @@ _ENGINE_FLAGS = {  # flag -> (EngineSection field, type)
     "--max-model-len": ("max_model_len", int),
     "--kv-cache-bytes": ("kv_cache_bytes", int),
     "--num-kv-blocks": ("num_kv_blocks", int),
-    "--gpu-memory-utilization": ("gpu_memory_utilization", float),
+    "--gpu-memory-utilization": ("gpu_memory_utilization", float),  # of total GPU memory, per engine
     "--attention-backend": ("attention_backend", str),
 }
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config file (see kvfabric.example.yaml)")
-    p.add_argument("--model", default=None, help="HF-format model directory (default: bundled SmolLM2)")
+    p.add_argument("--model", default=None, help="HF-format model directory, or preset:NAME (random weights of "
+                   "that shape with the bundled SmolLM2 tokenizer: llama-3.1-8b, qwen3-0.6b, tiny-llama, ...); "
+                   "default: the bundled SmolLM2-135M-Instruct")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--kv-connector", default=None,
@@ -42,6 +44,11 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     for flag, (_, kind) in _ENGINE_FLAGS.items():
         p.add_argument(flag, type=kind, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--disaggregation", choices=["always", "adaptive", "never"], default=None,
+                   help="where prompts are prefilled: always on a prefill instance, adaptive per request, or "
+                        "never (on decode); thresholds in proxy.disaggregation of the config")
+    p.add_argument("--prefill-gpus", default=None, help="`up`: GPU ids for the prefill engines, e.g. 0")
+    p.add_argument("--decode-gpus", default=None, help="`up`: GPU ids for the decode engines, e.g. 1")
 
 
 def apply_config_flags(cfg: KVFabricConfig, args: argparse.Namespace) -> KVFabricConfig:
@@ -69,6 +76,11 @@ def apply_config_flags(cfg: KVFabricConfig, args: argparse.Namespace) -> KVFabri
         value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if value is not None:
             setattr(cfg.engine, field_name, value)
+    if getattr(args, "disaggregation", None):
+        cfg.proxy.disaggregation.policy = args.disaggregation
+    for role in ("prefill", "decode"):
+        if getattr(args, f"{role}_gpus", None) is not None:
+            getattr(cfg, role).gpus = getattr(args, f"{role}_gpus")
     if getattr(args, "no_prefix_caching", False):
         cfg.engine.enable_prefix_caching = False
     return cfg

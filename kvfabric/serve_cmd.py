@@ -34,7 +34,9 @@ def build_engine(cfg: KVFabricConfig, role: str):
     or colocated engine with ``decode.dcp_size`` N > 1 is rank 0 of N context-parallel ranks."""
     from engine import EngineConfig, LLMEngine
 
-    engine_cfg = EngineConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, **asdict(cfg.engine))
+    # An unset section value (None) leaves the engine's own default.
+    engine_cfg = EngineConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device,
+                              **{k: v for k, v in asdict(cfg.engine).items() if v is not None})
     spec = connector_spec(cfg, role)
     connector = None
     if spec is not None:

@@ -34,17 +34,38 @@ import yaml
 from decode_svc.dcp_ranks import die_with_parent
 from kvfabric.config import KVFabricConfig
 from kvfabric.overrides import add_config_flags, apply_config_flags
+from kvfabric.placement import parse_gpus, place, visible_gpus
 from storage_tiers.lmcache_server import port_open, server_argv, wait_for_port
 
 logger = logging.getLogger("kvfabric.up")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("up", help="start proxy + prefill + decode on this machine")
+    p = sub.add_parser("up", help="start proxy + prefill + decode on this machine", description=UP_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p)
     p.add_argument("--port", type=int, default=None, help="the proxy's port (default 8000)")
     p.add_argument("--colocated", action="store_true", help="one engine does both phases (no prefill instance)")
     p.add_argument("--ready-timeout", type=float, default=300.0)
+
+
+UP_HELP = """Start proxy + prefill + decode on this machine, supervised, from one config plus flags.
+
+GPU placement: engines are laid onto the visible GPUs in turn, prefill first, so with two GPUs
+prefill runs on GPU 0 and decode on GPU 1 (each child's CUDA_VISIBLE_DEVICES lists its own GPU
+first); --prefill-gpus / --decode-gpus (or prefill.gpus / decode.gpus) pick them ("0", "1,2").
+On one GPU both share it. --gpu-memory-utilization is each engine's fraction of the GPU's TOTAL
+memory (weights + activations + KV cache); unset, 0.9 is split evenly among the engines sharing a
+GPU. The engines' fractions on one GPU may not add up to more than 1.
+
+Where the prompt is prefilled (--disaggregation, proxy.disaggregation in the config):
+  always    every prompt on a prefill instance, its KV shipped to decode (the default)
+  adaptive  per request: on the decode instance itself when the prompt is short
+            (short_prompt_tokens), mostly cached on decode (cached_fraction), or when the prefill
+            queue would take longer than prefilling it on decode (up to max_local_prefill_tokens);
+            otherwise on a prefill instance. Counted in kvfabric_prefill_decisions_total{where,reason}.
+  never     every prompt on the decode instance (the prefill instances stay idle)
+"""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -58,13 +79,14 @@ class Child:
     name: str
     argv: list[str]
     proc: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)  # beyond this process's own (CUDA_VISIBLE_DEVICES)
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
 
     def start(self) -> None:
         logger.info("starting %s: %s", self.name, " ".join(self.argv))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "KVFABRIC_PROCESS": self.name}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "KVFABRIC_PROCESS": self.name, **self.env}
         self.proc = subprocess.Popen(self.argv, env=env, preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
 
@@ -73,14 +95,26 @@ def build_children(cfg: KVFabricConfig, config_path: Path, colocated: bool) -> t
     exe = [sys.executable, "-m", "kvfabric.cli"]
     children, addrs = [], {"prefill": [], "decode": []}
     roles = ["decode"] if colocated else ["prefill", "decode"]
+    all_gpus = visible_gpus(cfg.device)
+    placements = place(all_gpus, [(role, getattr(cfg, role).instances, cfg.decode.dcp_size if role == "decode" else 1,
+                                   parse_gpus(getattr(cfg, role).gpus, f"{role}.gpus"),
+                                   getattr(cfg, role).gpu_memory_utilization) for role in roles],
+                       cfg.engine.gpu_memory_utilization)
     for role in roles:
         section = getattr(cfg, role)
         for i in range(section.instances):
             port = section.ports[i] if i < len(section.ports) else free_port(section.host)
             addrs[role].append(f"{section.host}:{port}")
             serve_role = "colocated" if colocated else role
-            children.append(Child(f"{role}{i}", exe + ["serve", serve_role, "--config", str(config_path),
-                                                      "--host", section.host, "--port", str(port)]))
+            where = placements[role][i]
+            argv = exe + ["serve", serve_role, "--config", str(config_path), "--host", section.host, "--port", str(port)]
+            env = {}
+            if where.gpus:
+                env["CUDA_VISIBLE_DEVICES"] = where.cuda_visible_devices(all_gpus)
+                argv += ["--gpu-memory-utilization", f"{where.gpu_memory_utilization:g}"]
+                logger.info("%s%d on GPU %s, %.0f%% of its memory", role, i, ",".join(where.gpus),
+                            100 * where.gpu_memory_utilization)
+            children.append(Child(f"{role}{i}", argv, env=env))
     proxy_argv = exe + ["serve", "proxy", "--config", str(config_path), "--port", str(cfg.proxy.port)]
     for a in addrs["prefill"]:
         proxy_argv += ["--prefill", a]

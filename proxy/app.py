@@ -11,6 +11,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.adaptive import AdaptivePrefill
 from proxy.config import ProxyConfig
 from proxy.engine_client import EngineClient
 from proxy.errors import OpenAIError, install_error_handlers
@@ -40,7 +41,8 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
         router = Router(config)  # gRPC channels bind to the serving event loop
         metrics = ProxyMetrics(config.default_model, router)
         app.state.router, app.state.metrics = router, metrics
-        app.state.serving = Serving(config, tokenizer, router, EngineClient(config, router), metrics)
+        engines = EngineClient(config, router, AdaptivePrefill(config.disaggregation, router, metrics.registry))
+        app.state.serving = Serving(config, tokenizer, router, engines, metrics)
         await router.start()
         logger.info("proxy ready: prefill %s, decode %s, colocated %s", config.prefill_addrs,
                     config.decode_addrs, config.colocated_addrs)

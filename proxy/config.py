@@ -7,6 +7,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+POLICIES = ("always", "adaptive", "never")
+
+
+@dataclass
+class DisaggregationConfig:
+    """Where each prompt is prefilled (proxy/adaptive.py): on a prefill instance, or on decode itself."""
+
+    policy: str = "always"  # always | adaptive | never
+    short_prompt_tokens: int = 256  # adaptive: prompts of at most this many uncached tokens prefill on decode
+    cached_fraction: float = 0.75  # adaptive: ... and so do those decode already caches this fraction of
+    # adaptive: a prompt prefills on decode when the prefill queue would take longer than that,
+    # up to this many uncached tokens (a longer local prefill stalls decode's batch: DistServe).
+    max_local_prefill_tokens: int = 2048
+    prefill_tokens_per_s: float | None = None  # the throughput assumed until one is measured
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"proxy.disaggregation.policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
+        if self.short_prompt_tokens < 0 or self.max_local_prefill_tokens < 0:
+            raise ValueError("proxy.disaggregation: token thresholds must be >= 0")
+        if not 0.0 < self.cached_fraction <= 1.0:
+            raise ValueError("proxy.disaggregation.cached_fraction must be in (0, 1]")
+
+
 @dataclass
 class ProxyConfig:
     host: str = "127.0.0.1"
@@ -23,6 +47,7 @@ class ProxyConfig:
     prefill_timeout_s: float = 600.0  # a deadline for one Prefill RPC (long prompts queue)
     generate_timeout_s: float = 3600.0  # a deadline for one whole Generate stream
     abort_timeout_s: float = 2.0
+    disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
 
     def __post_init__(self) -> None:
         if self.api_key is None:
@@ -63,4 +88,5 @@ class ProxyConfig:
             colocated_addrs=list(getattr(args, "colocated", []) or []),
             api_key=getattr(args, "api_key", None) or cfg.proxy.api_key,
             health_interval_s=cfg.proxy.health_interval_s,
+            disaggregation=cfg.proxy.disaggregation,
         )

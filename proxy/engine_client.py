@@ -15,6 +15,7 @@ belt and braces, and so that a producer frees KV it holds for a decode that will
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from protos import kvfabric_pb2 as pb
+from proxy.adaptive import AdaptivePrefill
 from proxy.config import ProxyConfig
 from proxy.errors import OpenAIError, bad_request
 from proxy.instance import Instance
@@ -39,6 +41,7 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: pb.SamplingParams
+    decode_cached_tokens: int = 0  # prompt tokens decode already caches, when known (a prefix index): adaptive.py
 
 
 @dataclass
@@ -57,12 +60,14 @@ class RequestRoute:
     decode: str | None = None
     num_cached_tokens: int = 0
     retries: int = 0
+    prefill_decision: str = ""  # why the prompt was prefilled where it was (adaptive.py's reason)
 
 
 class EngineClient:
-    def __init__(self, config: ProxyConfig, router: Router) -> None:
+    def __init__(self, config: ProxyConfig, router: Router, adaptive: AdaptivePrefill | None = None) -> None:
         self.config = config
         self.router = router
+        self.adaptive = adaptive or AdaptivePrefill(config.disaggregation, router)
         self._background: set[asyncio.Task] = set()
 
     async def stream(self, req: EngineRequest, route: RequestRoute | None = None) -> AsyncIterator[Delta]:
@@ -74,7 +79,9 @@ class EngineClient:
         kv_transfer_params_json = ""
         finished = False
         try:
-            prefilled = await self._prefill(req, route, touched)
+            decision = self.adaptive.decide(req.prompt_token_ids, req.decode_cached_tokens)
+            route.prefill_decision = decision.reason
+            prefilled = await self._prefill(req, route, touched) if decision.remote else None
             if prefilled is not None:
                 out_ids, out_text = [prefilled.first_token_id], prefilled.text
                 kv_transfer_params_json = prefilled.kv_transfer_params_json
@@ -99,9 +106,15 @@ class EngineClient:
                                           params=req.params, output_token_ids=out_ids,
                                           kv_transfer_params_json=kv_transfer_params_json, output_text=out_text)
                 call = inst.decode.Generate(greq, timeout=self.config.generate_timeout_s)
+                # A prompt computed here is timed too: decode's local prefill throughput.
+                local = (self.adaptive.track(inst, len(req.prompt_token_ids)) if not out_ids
+                         else contextlib.nullcontext(None))
                 try:
-                    with self.router.track(inst):
+                    with self.router.track(inst), local as prefilled_here:
                         async for chunk in call:
+                            if prefilled_here is not None:  # the first chunk: the prompt is done
+                                prefilled_here()
+                                prefilled_here = None
                             out_ids.extend(chunk.token_ids)
                             out_text += chunk.text
                             if prefilled is None and chunk.HasField("usage"):
@@ -134,10 +147,12 @@ class EngineClient:
             touched.append(inst)
             route.prefill = inst.address
             try:
-                with self.router.track(inst):
-                    return await inst.prefill.Prefill(
+                with self.router.track(inst), self.adaptive.track(inst, len(req.prompt_token_ids)) as done:
+                    resp = await inst.prefill.Prefill(
                         pb.PrefillRequest(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
                                           params=req.params), timeout=self.config.prefill_timeout_s)
+                    done(resp.num_cached_tokens)
+                    return resp
             except grpc.aio.AioRpcError as e:
                 self._failed(inst, e)
                 route.retries += 1

@@ -32,14 +32,14 @@ def free_port() -> int:
 
 class Topology:
     def __init__(self, workdir: Path, colocated: bool = False, kv_connector: str = "zmq",
-                 engine: dict | None = None, extra: dict | None = None) -> None:
+                 engine: dict | None = None, extra: dict | None = None, proxy: dict | None = None) -> None:
         self.colocated = colocated
         self.proxy_port, self.prefill_port, self.decode_port = free_port(), free_port(), free_port()
         cfg = {
             "dtype": "float32",
             "engine": {"max_model_len": 2048, "kv_cache_bytes": 256 << 20, "max_num_batched_tokens": 512,
                        **(engine or {})},
-            "proxy": {"port": self.proxy_port, "health_interval_s": 0.5},
+            "proxy": {"port": self.proxy_port, "health_interval_s": 0.5, **(proxy or {})},
             "prefill": {"ports": [self.prefill_port]},
             "decode": {"ports": [self.decode_port]},
             "kv_transfer_config": {"kv_connector": kv_connector,

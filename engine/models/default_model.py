@@ -6,6 +6,13 @@ start converts it once (transformers dequantizes it, ~20 s) into an HF-format di
 model.safetensors and the tokenizer with its chat template. The conversion runs in a temporary
 directory renamed into place, under a file lock, so concurrent starts (a prefill and a decode
 service on one host) convert once and never see half a directory.
+
+``preset:NAME`` names a model shape from ``engine.models.config.PRESETS`` with random weights. Its
+directory (``$KVFABRIC_CACHE_DIR/presets/NAME``) holds the preset's config.json and the SmolLM2
+tokenizer bundled in ``smollm2_tokenizer/`` (Apache-2.0, saved by transformers from the GGUF
+above; tokenizer.json xz-compressed), so a preset serves text and chat with no download and no
+GGUF. The preset's vocabulary, BOS and EOS are set to that tokenizer's (49,152 tokens): every id it
+produces is a row of the embedding, and every id the model samples has text.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import fcntl
 import importlib.util
 import json
 import logging
+import lzma
 import os
 import shutil
 import tempfile
@@ -105,12 +113,31 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         raise RuntimeError(f"the tokenizer converted from {gguf} lost its chat template")
 
 
-def _preset_dir(name: str) -> Path:
+BUNDLED_TOKENIZER = Path(__file__).with_name("smollm2_tokenizer")
+# The bundled tokenizer's vocabulary and special ids (those of SmolLM2's own config.json).
+TOKENIZER_VOCAB = {"vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+
+
+def preset_config(name: str) -> dict:
+    """The HF config a ``preset:NAME`` directory holds: the preset's shape, the tokenizer's vocabulary."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return {**PRESETS[name], **TOKENIZER_VOCAB}
+
+
+def _preset_dir(name: str) -> Path:
+    config = json.dumps(preset_config(name), indent=2, sort_keys=True)
     path = cache_dir() / "presets" / name
     path.mkdir(parents=True, exist_ok=True)
-    config = json.dumps(PRESETS[name], indent=2, sort_keys=True)
+    # Files are replaced atomically and the tokenizer goes in before config.json, so a concurrent
+    # start (prefill, decode, proxy at once) never reads a directory without its tokenizer.
+    if not (path / "tokenizer.json").is_file():
+        _write_atomic(path / "tokenizer.json", lzma.decompress((BUNDLED_TOKENIZER / "tokenizer.json.xz").read_bytes())
+                      .decode())
+    for f in ("tokenizer_config.json", "chat_template.jinja"):
+        text = (BUNDLED_TOKENIZER / f).read_text()
+        if not (path / f).is_file() or (path / f).read_text() != text:
+            _write_atomic(path / f, text)
     if not (path / "config.json").is_file() or (path / "config.json").read_text() != config:
         _write_atomic(path / PRESET_MARKER, json.dumps({"preset": name}))
         _write_atomic(path / "config.json", config)
