@@ -3,6 +3,7 @@
 Sections: ``model``/``dtype``/``device`` at the top; ``engine`` (EngineConfig fields shared by
 every engine); ``proxy``; ``prefill`` and ``decode`` (instances, ports); ``kv_transfer_config``
 (vLLM-style: ``kv_connector`` and ``kv_connector_extra_config``); ``tiers`` (storage tiers);
+``kv_events_config`` (vLLM's: KV-cache events for the proxy's prefix-aware routing);
 ``lmcache_server`` (optional: LMCache's standalone server, which ``kvfabric up`` then starts and
 points every ``lmcache`` connector at). Unknown keys are an error naming them, so a typo never
 silently falls back to a default.
@@ -82,6 +83,9 @@ class KVFabricConfig:
     decode: RoleSection = field(default_factory=RoleSection)
     kv_transfer_config: dict[str, Any] = field(default_factory=lambda: {"kv_connector": "zmq"})
     tiers: dict[str, Any] = field(default_factory=dict)
+    # vLLM's kv_events_config (engine/kv_events.py): each engine publishes its prefix cache's
+    # stores and evictions; the proxy's `prefix` routing policy follows them. None: no events.
+    kv_events_config: dict[str, Any] | None = None
     # Absent (None) unless configured: without it nothing starts and no connector is touched.
     lmcache_server: LMCacheServerSection | None = field(default=None, metadata={"section": LMCacheServerSection})
 

@@ -34,7 +34,8 @@ def build_engine(cfg: KVFabricConfig, role: str):
     or colocated engine with ``decode.dcp_size`` N > 1 is rank 0 of N context-parallel ranks."""
     from engine import EngineConfig, LLMEngine
 
-    engine_cfg = EngineConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, **asdict(cfg.engine))
+    engine_cfg = EngineConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, **asdict(cfg.engine),
+                              kv_events_config=cfg.kv_events_config)
     spec = connector_spec(cfg, role)
     connector = None
     if spec is not None:
