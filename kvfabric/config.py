@@ -40,6 +40,10 @@ class ProxySection:
     api_key: str | None = None
     served_model_name: str | None = None
     health_interval_s: float = 5.0  # how often the proxy checks each engine
+    routing_policy: str = "least_load"  # round_robin | least_load | prefix (needs kv_events_config)
+    prefix_weight: float = 2.0
+    load_weight: float = 1.0
+    session_header: str = "x-session-id"
 
 
 @dataclass

@@ -14,7 +14,7 @@ import re
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from proxy.router import Router
 
@@ -119,6 +119,25 @@ class _InstanceCollector:
                                                       labels=labels)
                 stats[metric].add_metric(key, value)
         yield from (healthy, in_flight, usage, *queue.values(), *stats.values())
+        yield from self._routing()
+
+    def _routing(self):
+        """What the router decided (proxy/router.py): per role, instance and why."""
+        decisions = CounterMetricFamily("kvfabric_routing_decisions", "Requests routed, by role, instance and "
+                                        "reason (prefix, session, load, round_robin).",
+                                        labels=["role", "instance", "reason"])
+        for (role, address, reason), n in sorted(self.router.decisions.items()):
+            decisions.add_metric([role, address, reason], n)
+        matched = CounterMetricFamily("kvfabric_routing_matched_tokens", "Prompt tokens routed to an instance "
+                                      "whose KV events say it caches them (prefix policy).", labels=["instance"])
+        for address, n in sorted(self.router.matched_tokens.items()):
+            matched.add_metric([address], n)
+        indexed = GaugeMetricFamily("kvfabric_routing_indexed_blocks", "Blocks the prefix index holds per "
+                                    "instance (from its KV events).", labels=["instance"])
+        if self.router.events is not None:
+            for inst in self.router.instances:
+                indexed.add_metric([inst.address], self.router.events.index.num_blocks(inst.address))
+        yield from (decisions, matched, indexed)
 
 
 _BUILTIN = {"kvfabric_instance_healthy", "kvfabric_instance_in_flight", "kvfabric_kv_cache_usage",
