@@ -159,7 +159,7 @@ class Serving:
         streams = [self.engines.stream(EngineRequest(rid, prompt_ids, p, session), route)
                    for rid, p, route in zip(ids, params, routes)]
         stream = streams[0] if len(streams) == 1 else _merged(streams)
-        timer = self.metrics.start(len(prompt_ids))
+        timer = self.metrics.start(len(prompt_ids), routes[0])
         try:
             if req.stream:
                 first = await until_disconnect(raw, stream.__anext__())
