@@ -1,7 +1,7 @@
 """Routing policies compared on a trace: one fresh ``kvfabric up`` per policy, the same replay.
 
-    python -m bench.routing_replay --policies prefix,least_load --num-requests 300 \\
-        --length-scale 0.03125 --time-scale 0.1 --output bench_results/routing
+    python -m bench.routing_replay --policies prefix,least_load --num-requests 400 \\
+        --length-scale 0.015625 --time-scale 0.05 --output bench_results/routing
 
 For each policy: start 2 prefill + 2 decode instances (``--prefill``/``--decode``) with KV events
 on, wait for the ready line, run ``bench.replay`` against the proxy, read the engines' prefix-cache
@@ -35,7 +35,7 @@ def start_fabric(policy: str, args, work: Path) -> tuple[subprocess.Popen, str, 
     port = free_port()
     cfg = {"dtype": "float32",
            "engine": {"max_model_len": args.max_model_len, "kv_cache_bytes": args.kv_cache_mb << 20,
-                      "max_num_batched_tokens": 1024},
+                      "max_num_batched_tokens": 1024, "block_size": args.block_size},
            "proxy": {"port": port, "health_interval_s": 0.5, "routing_policy": policy},
            "prefill": {"instances": args.prefill}, "decode": {"instances": args.decode},
            "kv_transfer_config": {"kv_connector": "zmq"},
@@ -127,15 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default="prefix,least_load")
     p.add_argument("--trace", default="/work/shared/traces/mooncake_conversation_trace_first_half.jsonl")
     p.add_argument("--start", type=int, default=0)
-    p.add_argument("--num-requests", type=int, default=300)
-    p.add_argument("--length-scale", type=float, default=1 / 32)
-    p.add_argument("--time-scale", type=float, default=0.1)
+    p.add_argument("--num-requests", type=int, default=400)
+    p.add_argument("--length-scale", type=float, default=1 / 64)
+    p.add_argument("--time-scale", type=float, default=0.05)
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--max-concurrency", type=int, default=0)
+    p.add_argument("--max-concurrency", type=int, default=16)
     p.add_argument("--kv-cache-mb", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=8, help="engine block size; 8 = the trace's 512-token "
+                   "blocks at --length-scale 1/64, so a shared trace block is a shared engine block")
     p.add_argument("--prefill", type=int, default=2)
     p.add_argument("--decode", type=int, default=2)
-    p.add_argument("--slo", default="ttft=2s,tpot=200ms")
+    p.add_argument("--slo", default="ttft=5s,tpot=500ms")
     p.add_argument("--output", default="bench_results/routing")
     args = p.parse_args(argv)
     out_dir = Path(args.output)
