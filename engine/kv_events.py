@@ -30,6 +30,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -188,11 +189,14 @@ class KVEvents:
         self.cfg = cfg
         self.collector = KVEventCollector(medium)
         self.publisher = ZmqEventPublisher(cfg) if cfg.publisher == "zmq" else None
+        # Names this stream: a subscriber that sees a new epoch (advertised in Health) starts clean,
+        # even when a restarted engine reuses the endpoint and its sequence numbers.
+        self.epoch = uuid.uuid4().hex
         self.collector.cleared()  # a restarted engine's subscribers drop what the old one held
 
     @property
     def endpoints(self) -> dict[str, str]:
-        return dict(self.publisher.endpoints) if self.publisher is not None else {}
+        return {**(self.publisher.endpoints if self.publisher is not None else {}), "epoch": self.epoch}
 
     def flush(self) -> None:
         events = self.collector.take()

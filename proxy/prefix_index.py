@@ -11,8 +11,8 @@ The proxy must not import the engine (DESIGN.md), so it hashes prompts with its 
 size each engine advertises in its Health stats (``block_hash_seed``, ``hash_block_size``);
 tests/test_prefix_routing.py proves the two equal.
 
-Staying right across restarts: a subscriber that sees the sequence go backwards (a new publisher),
-or the endpoint change, forgets the instance's blocks; a restarted engine also starts its stream
+Staying right across restarts: a subscriber that sees the instance advertise a new endpoint or
+event epoch (a new engine process), or the sequence go backwards, forgets the instance's blocks; a restarted engine also starts its stream
 with ``AllBlocksCleared``. A gap the replay cannot fill also clears the instance (an index that
 claims too little only costs a cache miss; one that claims too much routes to a cold instance).
 """
@@ -108,14 +108,17 @@ class EventSubscriber:
         self.last_seq = -1
         self.num_events = 0
         self.num_replayed = 0
+        self._key: tuple | None = None
         self._task: asyncio.Task | None = None
 
-    def follow(self, endpoint: str, replay_endpoint: str | None, topic: str) -> None:
-        """Subscribe there, unless already doing so; a new endpoint is a new engine: start clean."""
-        if (endpoint, replay_endpoint, topic) == (self.endpoint, self.replay_endpoint, self.topic) and self._task:
+    def follow(self, endpoint: str, replay_endpoint: str | None, topic: str, epoch: str = "") -> None:
+        """Subscribe there, unless already doing so; a new endpoint or epoch is a new engine: start clean."""
+        key = (endpoint, replay_endpoint, topic, epoch)
+        if key == self._key and self._task:
             return
         self.stop()
         self.index.cleared(self.instance)
+        self._key = key
         self.endpoint, self.replay_endpoint, self.topic, self.last_seq = endpoint, replay_endpoint, topic, -1
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"kv-events-{self.instance}")
 
@@ -144,7 +147,7 @@ class EventSubscriber:
                     if seq < self.last_seq:  # sequence went back: the publisher restarted
                         logger.info("KV events of %s restarted at seq %d: clearing its index", self.instance, seq)
                         self.index.cleared(self.instance)
-                        self.last_seq = seq - 1
+                        self.last_seq = -1  # the new stream from its start: replay what came before seq
                     else:
                         continue  # already had it from the replay
                 if seq > self.last_seq + 1:
@@ -211,7 +214,7 @@ class EventFollower:
         host = address.rsplit(":", 1)[0]
         sub = self.subscribers.setdefault(address, EventSubscriber(address, self.index, self.ctx))
         sub.follow(_reachable(endpoint, host), _reachable(replay, host) if isinstance(replay, str) else None,
-                   str(info.get("kv_events_topic", "kv-events")))
+                   str(info.get("kv_events_topic", "kv-events")), str(info.get("kv_events_epoch", "")))
 
     def hasher(self, info: dict) -> PromptHasher | None:
         seed, bs = info.get("block_hash_seed"), info.get("hash_block_size")

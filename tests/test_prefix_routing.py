@@ -161,3 +161,57 @@ def test_a_repeated_prefix_goes_to_the_instance_that_holds_it(fabric):
     # Whoever served it now holds the prefix again, and the next repeat hits it.
     _prefill_holding(url, 10)
     assert _complete(url, shared + [98])["usage"]["prompt_tokens_details"]["cached_tokens"] >= 160
+
+
+@pytest.mark.parametrize("with_epoch", [True, False], ids=["new-epoch", "sequence-restart"])
+def test_the_follower_reads_an_engine_publisher_and_forgets_a_restarted_one(with_epoch):
+    """The proxy's subscriber against the engine's real publisher: catch-up by replay, live events,
+    and a publisher restarted on the same endpoint (its sequence starts again) clears the instance."""
+    from engine.kv_events import KVEvents, KVEventsConfig
+    from proxy.prefix_index import EventFollower
+
+    port, replay_port = free_port(), free_port()
+    cfg = KVEventsConfig(enable_kv_cache_events=True, endpoint=f"tcp://127.0.0.1:{port}",
+                         replay_endpoint=f"tcp://127.0.0.1:{replay_port}")
+    addr = "127.0.0.1:9"
+
+    def publish(events: KVEvents, hashes: list[bytes]) -> None:
+        events.collector.stored(hashes, None, list(range(16 * len(hashes))), 16)
+        events.flush()
+
+    async def scenario() -> None:
+        follower = EventFollower()
+        first = KVEvents(cfg, "CPU")
+        try:
+            publish(first, [b"a" * 32, b"b" * 32])  # before anyone subscribed: only the replay has it
+            info = {"kv_events_endpoint": cfg.endpoint, "kv_events_replay_endpoint": cfg.replay_endpoint,
+                    "kv_events_epoch": first.epoch}
+            follower.update(addr, info)
+            await _until(lambda: follower.index.num_blocks(addr) == 2)
+            await asyncio.sleep(0.3)
+            publish(first, [b"c" * 32])
+            await _until(lambda: follower.index.num_blocks(addr) == 3)
+            first.shutdown()
+            second = KVEvents(cfg, "CPU")  # same endpoint, seq from 0, AllBlocksCleared first
+            try:
+                await asyncio.sleep(0.5)
+                publish(second, [b"d" * 32])
+                if with_epoch:  # the health check tells the follower of the new process
+                    follower.update(addr, {**info, "kv_events_epoch": second.epoch})
+                await _until(lambda: follower.index.matched_blocks(addr, [b"d" * 32]) == 1
+                             and follower.index.num_blocks(addr) == 1)
+            finally:
+                second.shutdown()
+        finally:
+            if first.publisher._thread.is_alive():
+                first.shutdown()
+            await follower.close()
+
+    asyncio.run(scenario())
+
+
+async def _until(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
