@@ -142,12 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment()  # now: the commit the runs use, not whatever HEAD is when they end
     results = []
     with tempfile.TemporaryDirectory(prefix="kvfabric-routing-") as work:
         for policy in args.policies.split(","):
             results.append(run_policy(policy, args, Path(work), out_dir))
             print(json.dumps(results[-1]), flush=True)
-    doc = {"kind": "kvfabric.bench.routing", "settings": vars(args), "environment": environment(),
+    doc = {"kind": "kvfabric.bench.routing", "settings": vars(args), "environment": env,
            "results": results}
     (out_dir / "routing.json").write_text(json.dumps(doc, indent=2))
     rows = ["| policy | prefill hit rate | TTFT p50 | TTFT p90 | TPOT p50 | goodput (req/s) | errors |",

@@ -7,7 +7,7 @@ Policies (``routing_policy`` in the proxy config):
 - ``prefix``: llm-d's precise prefix-cache scorer. Each instance's KV events (proxy/prefix_index.py)
   say which blocks it caches; an instance scores ``prefix_weight * (cached leading blocks / prompt
   blocks) + load_weight * (1 - load / (max load + 1))`` and the best score wins. When no instance
-  holds any of the prompt, a request that names a session (the ``session_header`` header, else
+  holds more of the prompt than another, a request that names a session (the ``session_header`` header, else
   the OpenAI ``user`` field) goes where that session went last (its previous turns' KV is likely
   still there even when the events have not said so yet), else to the least loaded.
 
@@ -121,7 +121,8 @@ class Router:
                    session: str | None) -> tuple[Instance, str]:
         cfg = self.config
         matched = {i.address: self._matched_blocks(i, prompt_ids) for i in healthy}
-        if any(matched.values()):
+        # Equal everywhere (a system prompt every instance holds) says nothing: decide as if uncached.
+        if len(set(matched.values())) > 1 or (len(healthy) == 1 and any(matched.values())):
             loads = {i.address: sum(i.load[:2]) for i in healthy}
             top = max(loads.values()) + 1
             total = {i.address: max(1, len(prompt_ids) // max(1, int(i.info.get("hash_block_size", 1))))
