@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s dcp-rank{args.rank} %(levelname)s %(message)s")
     cfg = EngineConfig(**json.loads(args.engine_config))
     cfg.device = rank_device(cfg.device, args.rank)
+    cfg.kv_events_config = None  # rank 0 publishes the group's KV events (its block pool is the group's)
     group = DCPGroup(args.rank, args.size, args.init, cfg.torch_device())
     engine = LLMEngine(cfg, dcp_group=group)
     engine.runner.serve_worker()

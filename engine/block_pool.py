@@ -19,8 +19,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 EvictListener = Callable[[bytes, int], None]  # (block_hash, block_id)
+
+
+class CacheEventSink(Protocol):
+    """Told what the prefix cache gained and lost (engine/kv_events.py publishes it)."""
+
+    def stored(self, block_hashes: list[bytes], parent: bytes | None, token_ids: list[int],
+               block_size: int) -> None: ...
+
+    def removed(self, block_hash: bytes) -> None: ...
+
+    def cleared(self) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -107,6 +119,7 @@ class BlockPool:
         self.free_block_queue = FreeBlockQueue(self.blocks[1:])
         # Invariant: block.block_hash is not None  <=>  cached_blocks[block.block_hash] is block.
         self.cached_blocks: dict[bytes, KVCacheBlock] = {}
+        self.events: CacheEventSink | None = None  # KV events (engine/kv_events.py), when enabled
 
     # ---- allocation ------------------------------------------------------------------------
 
@@ -122,6 +135,8 @@ class BlockPool:
     def _evict(self, block: KVCacheBlock) -> None:
         block_hash, block.block_hash = block.block_hash, None
         del self.cached_blocks[block_hash]
+        if self.events is not None:
+            self.events.removed(block_hash)
         if self.on_evict is not None:
             self.on_evict(block_hash, block.block_id)
 
@@ -150,10 +165,12 @@ class BlockPool:
         return self.cached_blocks.get(block_hash) if self.enable_caching else None
 
     def cache_full_blocks(self, blocks: Sequence[KVCacheBlock], block_hashes: Sequence[bytes],
-                          start: int, end: int) -> None:
-        """Register ``blocks[start:end]`` (full, computed) under ``block_hashes[start:end]``."""
+                          start: int, end: int) -> list[int]:
+        """Register ``blocks[start:end]`` (full, computed) under ``block_hashes[start:end]``;
+        returns the indices that became cached (not prefix hits, not duplicates)."""
+        stored: list[int] = []
         if not self.enable_caching:
-            return
+            return stored
         for i in range(start, end):
             block, block_hash = blocks[i], block_hashes[i]
             if block.block_hash is not None or block.is_null:
@@ -164,6 +181,8 @@ class BlockPool:
             if block_hash not in self.cached_blocks:
                 self.cached_blocks[block_hash] = block
                 block.block_hash = block_hash
+                stored.append(i)
+        return stored
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash (e.g. after a weight update). Refused while blocks are in use,
@@ -174,6 +193,8 @@ class BlockPool:
         for block in self.cached_blocks.values():
             block.block_hash = None
         self.cached_blocks.clear()
+        if self.events is not None:
+            self.events.cleared()
         return True
 
     # ---- accounting ------------------------------------------------------------------------

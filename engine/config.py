@@ -29,6 +29,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     fused_kernels: bool = True  # Triton RMSNorm / RoPE+KV write / SiLU*mul with the triton backend
     seed: int = 0
+    kv_events_config: dict | None = None  # vLLM's kv_events_config (engine/kv_events.py); None: no events
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -124,8 +124,25 @@ class KVCacheManager:
         if num_full <= num_cached:
             return  # the common decode step: nothing became full
         extend_block_hashes(request, self.block_size, self.hash_seed)
-        self.block_pool.cache_full_blocks(blocks, request.block_hashes, num_cached, num_full)
+        stored = self.block_pool.cache_full_blocks(blocks, request.block_hashes, num_cached, num_full)
         self._num_cached_blocks[rid] = num_full
+        if stored and self.block_pool.events is not None:
+            self._report_stored(request, stored)
+
+    def _report_stored(self, request: Request, stored: list[int]) -> None:
+        """One BlockStored per run of consecutive newly cached blocks, with their tokens."""
+        bs, hashes, tokens = self.block_size, request.block_hashes, request.prompt_token_ids
+        if stored[-1] * bs + bs > len(tokens):
+            tokens = tokens + request.output_token_ids
+        run = [stored[0]]
+        for i in stored[1:] + [None]:
+            if i is not None and i == run[-1] + 1:
+                run.append(i)
+                continue
+            first, last = run[0], run[-1]
+            self.block_pool.events.stored([hashes[j] for j in run], hashes[first - 1] if first else None,
+                                          list(tokens[first * bs:(last + 1) * bs]), bs)
+            run = [i]
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first, and forget it. Safe to call twice."""

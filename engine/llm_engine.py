@@ -21,6 +21,7 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_budget import GPUMemory, activation_bytes, kv_budget_bytes
 from engine.kv_cache_manager import KVCacheManager
+from engine.kv_events import create_kv_events
 from engine.model_runner import ModelRunner, kv_cache_shape
 from engine.models import load_model, resolve_model_path
 from engine.outputs import CompletionOutput, RequestOutput
@@ -99,6 +100,9 @@ class LLMEngine:
             num_blocks, bs * dcp, config.enable_prefix_caching,
             model_hash_seed(mc.model_id, dtype_name, bs * dcp, layout_name),
             on_evict=kv_connector.on_block_evicted if kv_connector is not None else None)
+        self.kv_events = create_kv_events(config.kv_events_config, "GPU" if self.device.type == "cuda" else "CPU")
+        if self.kv_events is not None:
+            self.kv_cache_manager.block_pool.events = self.kv_events.collector
         self.connector = kv_connector
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len, bs),
@@ -225,6 +229,8 @@ class LLMEngine:
                 self.scheduler.finish_requests([rid], RequestStatus.FINISHED_STOPPED)
         for req in self.scheduler.take_finished():
             touched[req.request_id] = req
+        if self.kv_events is not None:
+            self.kv_events.flush()
         final_only = self._final_only
         return [self._make_output(req, token_ids.get(rid), deltas.get(rid, "")) for rid, req in touched.items()
                 if req.is_finished or rid not in final_only]
@@ -277,7 +283,16 @@ class LLMEngine:
         """Idle briefly when only remote KV loads are pending (nothing to compute this step)."""
         time.sleep(timeout)
 
+    def routing_info(self) -> dict[str, Any]:
+        """What a router needs to hash prompts as this engine does and to follow its KV events."""
+        kv = self.kv_cache_manager
+        return {"block_hash_seed": kv.hash_seed.hex(), "hash_block_size": kv.block_size,
+                **({f"kv_events_{k}": v for k, v in self.kv_events.endpoints.items()} if self.kv_events else {}),
+                **({"kv_events_topic": self.kv_events.cfg.topic} if self.kv_events else {})}
+
     def shutdown(self) -> None:
+        if self.kv_events is not None:
+            self.kv_events.shutdown()
         if self.connector is not None:
             self.connector.shutdown()
         if self.dcp_group is not None:

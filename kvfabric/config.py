@@ -3,6 +3,7 @@
 Sections: ``model``/``dtype``/``device`` at the top; ``engine`` (EngineConfig fields shared by
 every engine); ``proxy``; ``prefill`` and ``decode`` (instances, ports); ``kv_transfer_config``
 (vLLM-style: ``kv_connector`` and ``kv_connector_extra_config``); ``tiers`` (storage tiers);
+``kv_events_config`` (vLLM's: KV-cache events for the proxy's prefix-aware routing);
 ``lmcache_server`` (optional: LMCache's standalone server, which ``kvfabric up`` then starts and
 points every ``lmcache`` connector at). Unknown keys are an error naming them, so a typo never
 silently falls back to a default.
@@ -44,6 +45,10 @@ class ProxySection:
     served_model_name: str | None = None
     health_interval_s: float = 5.0  # how often the proxy checks each engine
     disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)  # proxy/adaptive.py
+    routing_policy: str = "least_load"  # round_robin | least_load | prefix (needs kv_events_config)
+    prefix_weight: float = 2.0
+    load_weight: float = 1.0
+    session_header: str = "x-session-id"
 
 
 @dataclass
@@ -94,6 +99,9 @@ class KVFabricConfig:
         "kv_connector": "auto", "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"lease_s": 30.0, "max_held_fraction": 0.5}})
     tiers: dict[str, Any] = field(default_factory=dict)
+    # vLLM's kv_events_config (engine/kv_events.py): each engine publishes its prefix cache's
+    # stores and evictions; the proxy's `prefix` routing policy follows them. None: no events.
+    kv_events_config: dict[str, Any] | None = None
     # Absent (None) unless configured: without it nothing starts and no connector is touched.
     lmcache_server: LMCacheServerSection | None = field(default=None, metadata={"section": LMCacheServerSection})
 

@@ -36,7 +36,8 @@ def build_engine(cfg: KVFabricConfig, role: str):
 
     # An unset section value (None) leaves the engine's own default.
     engine_cfg = EngineConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device,
-                              **{k: v for k, v in asdict(cfg.engine).items() if v is not None})
+                              **{k: v for k, v in asdict(cfg.engine).items() if v is not None},
+                              kv_events_config=cfg.kv_events_config)
     spec = connector_spec(cfg, role)
     connector = None
     if spec is not None:

@@ -62,5 +62,6 @@ def health_response(engine, role: str, model: str, ok: bool = True) -> pb.Health
     return pb.HealthResponse(
         ok=ok, role=role, model=model, num_running=int(stats.get("num_running", 0)),
         num_waiting=int(stats.get("num_waiting", 0)), kv_cache_usage=float(stats.get("usage", 0.0)),
-        stats_json=json.dumps(flat_numbers(stats)), max_model_len=engine.engine.max_model_len,
+        stats_json=json.dumps({**flat_numbers(stats), **engine.engine.routing_info()}),
+        max_model_len=engine.engine.max_model_len,
     )

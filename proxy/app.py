@@ -16,7 +16,7 @@ from proxy.config import ProxyConfig
 from proxy.engine_client import EngineClient
 from proxy.errors import OpenAIError, install_error_handlers
 from proxy.metrics import ProxyMetrics
-from proxy.protocol import ChatCompletionRequest, CompletionRequest
+from proxy.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from proxy.router import Router
 from proxy.serving import Serving
 
@@ -53,6 +53,7 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
 
     app = FastAPI(title="kvfabric", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tokenizer = tokenizer
+    app.state.was_ready = False
     install_error_handlers(app)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
@@ -60,6 +61,8 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
 
     @v1.get("/models")
     async def models() -> dict:
+        if serving_status() == "unavailable":  # orchestrators and `vllm bench serve` poll this for readiness
+            raise OpenAIError(503, "the engines are not ready yet (see /health)", code="service_unavailable")
         max_len = app.state.serving.max_model_len
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": int(started), "owned_by": "kvfabric", "root": name,
@@ -75,13 +78,30 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
 
     app.include_router(v1)
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        return app.state.serving.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        return app.state.serving.detokenize(body)
+
+    def serving_status() -> str:
+        """"ok" once a complete path is healthy; "degraded" while, after that, a decode instance alone
+        still serves (it recomputes prompts); "unavailable" otherwise, and until start-up is done."""
+        router: Router = app.state.router
+        if router.ready():
+            app.state.was_ready = True
+            return "ok"
+        return "degraded" if router.can_serve() and app.state.was_ready else "unavailable"
+
     @app.get("/health")
     async def health() -> Response:
         router: Router = app.state.router
-        body = {"status": "ok" if router.can_serve() else "unavailable",
-                "instances": [{"address": i.address, "role": i.role, "healthy": i.healthy, "in_flight": i.in_flight,
-                               **({"error": i.last_error} if i.last_error else {})} for i in router.instances]}
-        return JSONResponse(body, status_code=200 if router.can_serve() else 503)
+        status = serving_status()
+        body = {"status": status, "routing_policy": router.policy,
+                "instances": [_instance_state(i, router) for i in router.instances]}
+        return JSONResponse(body, status_code=503 if status == "unavailable" else 200)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -89,6 +109,19 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
 
     started = time.time()
     return app
+
+
+def _instance_state(inst, router: Router) -> dict:
+    h = inst.last_health
+    out = {"address": inst.address, "role": inst.role, "state": inst.state, "healthy": inst.healthy,
+           "in_flight": inst.in_flight}
+    if h is not None:
+        out.update(num_running=h.num_running, num_waiting=h.num_waiting, kv_cache_usage=h.kv_cache_usage)
+    if router.events is not None:
+        out["cached_blocks"] = router.events.index.num_blocks(inst.address)
+    if inst.last_error:
+        out["error"] = inst.last_error
+    return out
 
 
 class APIKeyMiddleware:

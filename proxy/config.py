@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-POLICIES = ("always", "adaptive", "never")
+DISAGGREGATION_POLICIES = ("always", "adaptive", "never")
 
 
 @dataclass
@@ -23,8 +23,8 @@ class DisaggregationConfig:
     prefill_tokens_per_s: float | None = None  # the throughput assumed until one is measured
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"proxy.disaggregation.policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
+        if self.policy not in DISAGGREGATION_POLICIES:
+            raise ValueError(f"proxy.disaggregation.policy {self.policy!r}: expected one of {', '.join(DISAGGREGATION_POLICIES)}")
         if self.short_prompt_tokens < 0 or self.max_local_prefill_tokens < 0:
             raise ValueError("proxy.disaggregation: token thresholds must be >= 0")
         if not 0.0 < self.cached_fraction <= 1.0:
@@ -48,6 +48,10 @@ class ProxyConfig:
     generate_timeout_s: float = 3600.0  # a deadline for one whole Generate stream
     abort_timeout_s: float = 2.0
     disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
+    routing_policy: str = "least_load"  # round_robin | least_load | prefix (proxy/router.py)
+    prefix_weight: float = 2.0  # prefix policy: weight of the cached fraction of the prompt
+    load_weight: float = 1.0  # prefix policy: weight of the instance's spare capacity
+    session_header: str = "x-session-id"  # a request's session for affinity (else the `user` field)
 
     def __post_init__(self) -> None:
         if self.api_key is None:
@@ -56,6 +60,10 @@ class ProxyConfig:
             raise ValueError("the proxy needs at least one served model name")
         if not (self.decode_addrs or self.colocated_addrs):
             raise ValueError("the proxy needs at least one decode or colocated instance")
+        from proxy.router import POLICIES
+
+        if self.routing_policy not in POLICIES:
+            raise ValueError(f"routing_policy must be one of {', '.join(POLICIES)}, got {self.routing_policy!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len={self.max_model_len} leaves no room to generate")
 
@@ -89,4 +97,6 @@ class ProxyConfig:
             api_key=getattr(args, "api_key", None) or cfg.proxy.api_key,
             health_interval_s=cfg.proxy.health_interval_s,
             disaggregation=cfg.proxy.disaggregation,
+            routing_policy=cfg.proxy.routing_policy, prefix_weight=cfg.proxy.prefix_weight,
+            load_weight=cfg.proxy.load_weight, session_header=cfg.proxy.session_header,
         )

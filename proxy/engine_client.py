@@ -42,6 +42,7 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: pb.SamplingParams
     decode_cached_tokens: int = 0  # prompt tokens decode already caches, when known (a prefix index): adaptive.py
+    session: str | None = None  # a client's session or user id: the router's affinity fallback
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Delta:
     text: str
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    index: int = 0  # which of the request's n choices (set when several are merged)
 
 
 @dataclass
@@ -93,10 +95,11 @@ class EngineClient:
             tried: set[str] = set()
             last_error = "no healthy decode or colocated instance"
             while True:
-                inst = self.router.pick_decode(True, tried) if kv_transfer_params_json else None
+                inst = self.router.pick_decode(True, tried, req.prompt_token_ids, req.session) \
+                    if kv_transfer_params_json else None
                 if inst is None:
                     kv_transfer_params_json = ""  # nobody can pull it: the next engine recomputes
-                    inst = self.router.pick_decode(False, tried)
+                    inst = self.router.pick_decode(False, tried, req.prompt_token_ids, req.session)
                 if inst is None:
                     raise OpenAIError(503, f"no instance could generate: {last_error}", code="service_unavailable")
                 tried.add(inst.address)
@@ -142,7 +145,7 @@ class EngineClient:
                        touched: list[Instance]) -> pb.PrefillResponse | None:
         """The first token from a prefill instance, or None when none is healthy (colocated fallback)."""
         tried: set[str] = set()
-        while (inst := self.router.pick_prefill(tried)) is not None:
+        while (inst := self.router.pick_prefill(tried, req.prompt_token_ids, req.session)) is not None:
             tried.add(inst.address)
             touched.append(inst)
             route.prefill = inst.address

@@ -28,6 +28,7 @@ class Instance:
     num_requests: int = 0  # ever routed here; breaks ties so equal loads alternate
     last_health: pb.HealthResponse | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # Health.stats_json as sent: numbers and routing strings
     last_error: str = ""
     unhealthy_since: float | None = None
 
@@ -39,6 +40,15 @@ class Instance:
         else:
             self.decode = pb_grpc.DecodeServiceStub(self.channel)
             self._service = self.decode
+
+    @property
+    def state(self) -> str:
+        """healthy | loading (answers Health, not ok yet) | unreachable | starting (not checked yet)."""
+        if self.healthy:
+            return "healthy"
+        if self.last_error.startswith("health check: not ok"):
+            return "loading"
+        return "unreachable" if self.last_error else "starting"
 
     @property
     def load(self) -> tuple[int, int, int]:
@@ -53,7 +63,9 @@ class Instance:
             self.mark_unhealthy(f"health check: {e.code().name} {e.details()}")
             return False
         self.last_health = resp
-        self.stats = _numeric_stats(resp.stats_json)
+        self.info = _stats_object(resp.stats_json)
+        self.stats = {k: float(v) for k, v in self.info.items() if isinstance(v, (int, float))
+                      and not isinstance(v, bool)}
         if resp.ok and not self.healthy:
             logger.info("%s instance %s is healthy", self.role, self.address)
         if not resp.ok:
@@ -78,13 +90,11 @@ class Instance:
         await self.channel.close()
 
 
-def _numeric_stats(stats_json: str) -> dict[str, float]:
+def _stats_object(stats_json: str) -> dict:
     if not stats_json:
         return {}
     try:
         data = json.loads(stats_json)
     except ValueError:
         return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return data if isinstance(data, dict) else {}

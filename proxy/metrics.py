@@ -14,7 +14,7 @@ import re
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from proxy.router import Router
 
@@ -44,20 +44,28 @@ class ProxyMetrics:
                              registry=r)
         self.waiting.labels(model_name).set_function(
             lambda: sum(i.last_health.num_waiting for i in router.instances if i.last_health and i.healthy))
+        # Per instance (vllm:* above are per model): TTFT by the instance that made the first token
+        # (the prefill, or the colocated/decode one that did both), TPOT by the decode instance.
+        self.instance_ttft = Histogram("kvfabric_instance_ttft_seconds", "Time to first token, by the instance "
+                                       "that computed the prompt.", ["instance"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.instance_tpot = Histogram("kvfabric_instance_tpot_seconds", "Time per output token after the first, "
+                                       "by the decode instance.", ["instance"], buckets=_ITL_BUCKETS, registry=r)
         self.errors = Counter("kvfabric_request_errors", "Requests that failed, by HTTP status.",
                               labels + ["status"], registry=r)
         self.registry.register(_InstanceCollector(router))
 
-    def start(self, num_prompt_tokens: int) -> "RequestTimer":
-        return RequestTimer(self, num_prompt_tokens)
+    def start(self, num_prompt_tokens: int, route=None) -> "RequestTimer":
+        """``route``: the request's RequestRoute (proxy/engine_client.py), for the per-instance series."""
+        return RequestTimer(self, num_prompt_tokens, route)
 
 
 class RequestTimer:
     """One request's timing; ``finish`` is idempotent so every exit path may call it."""
 
-    def __init__(self, metrics: ProxyMetrics, num_prompt_tokens: int) -> None:
-        self.m, self.model = metrics, metrics.model_name
-        self.arrival = self.last = time.perf_counter()
+    def __init__(self, metrics: ProxyMetrics, num_prompt_tokens: int, route=None) -> None:
+        self.m, self.model, self.route = metrics, metrics.model_name, route
+        self.arrival = self.last = self.first_at = time.perf_counter()
+        self.num_tokens = 0
         self.num_prompt_tokens = num_prompt_tokens
         self.first = True
         self.done = False
@@ -69,6 +77,12 @@ class RequestTimer:
             self.m.prompt_tokens.labels(self.model).inc(self.num_prompt_tokens)
         (self.m.ttft if self.first else self.m.itl).labels(self.model).observe(now - (self.arrival if self.first
                                                                                         else self.last))
+        if self.first:
+            self.first_at = now
+            where = self.route and (self.route.prefill or self.route.decode)
+            if where:
+                self.m.instance_ttft.labels(where).observe(now - self.arrival)
+        self.num_tokens += n
         self.first, self.last = False, now
         self.m.generation_tokens.labels(self.model).inc(n)
 
@@ -80,6 +94,9 @@ class RequestTimer:
         if finish_reason:
             self.m.success.labels(self.model, finish_reason).inc()
             self.m.e2e.labels(self.model).observe(time.perf_counter() - self.arrival)
+            if self.route is not None and self.route.decode and self.num_tokens > 1:
+                self.m.instance_tpot.labels(self.route.decode).observe(
+                    (self.last - self.first_at) / (self.num_tokens - 1))
         elif error_status is not None:
             self.m.errors.labels(self.model, str(error_status)).inc()
 
@@ -119,6 +136,25 @@ class _InstanceCollector:
                                                       labels=labels)
                 stats[metric].add_metric(key, value)
         yield from (healthy, in_flight, usage, *queue.values(), *stats.values())
+        yield from self._routing()
+
+    def _routing(self):
+        """What the router decided (proxy/router.py): per role, instance and why."""
+        decisions = CounterMetricFamily("kvfabric_routing_decisions", "Requests routed, by role, instance and "
+                                        "reason (prefix, session, load, round_robin).",
+                                        labels=["role", "instance", "reason"])
+        for (role, address, reason), n in sorted(self.router.decisions.items()):
+            decisions.add_metric([role, address, reason], n)
+        matched = CounterMetricFamily("kvfabric_routing_matched_tokens", "Prompt tokens routed to an instance "
+                                      "whose KV events say it caches them (prefix policy).", labels=["instance"])
+        for address, n in sorted(self.router.matched_tokens.items()):
+            matched.add_metric([address], n)
+        indexed = GaugeMetricFamily("kvfabric_routing_indexed_blocks", "Blocks the prefix index holds per "
+                                    "instance (from its KV events).", labels=["instance"])
+        if self.router.events is not None:
+            for inst in self.router.instances:
+                indexed.add_metric([inst.address], self.router.events.index.num_blocks(inst.address))
+        yield from (decisions, matched, indexed)
 
 
 _BUILTIN = {"kvfabric_instance_healthy", "kvfabric_instance_in_flight", "kvfabric_kv_cache_usage",

@@ -1,10 +1,13 @@
 """The OpenAI requests the proxy accepts, as pydantic models.
 
 Options nobody implements are refused with a 400 naming them, never silently ignored:
-any unknown key (``extra="forbid"``); ``n`` > 1 and ``best_of`` > 1 (one sequence per request);
-``echo``, ``suffix``; non-empty ``logit_bias``; ``tools``, ``tool_choice`` other than "none",
-``functions``, ``function_call``; a ``response_format`` other than text; non-text content parts
-(images, audio); ``stream_options`` without ``stream``. ``user`` is accepted and ignored.
+any unknown key (``extra="forbid"``); ``best_of`` other than ``n`` (no ranking of candidates);
+``echo`` together with ``logprobs`` (the engines report no prompt logprobs), ``suffix``;
+non-empty ``logit_bias``; ``tools``, ``tool_choice`` other than "none", ``functions``,
+``function_call``; a ``response_format`` other than text; non-text content parts (images, audio);
+``stream_options`` without ``stream``. ``n`` > 1 runs n sequences (a seeded request's i-th with
+seed + i, as vLLM does); ``echo`` prepends the prompt; ``user`` names a session for routing
+affinity (proxy/router.py).
 Beyond OpenAI, vLLM's sampling extras are accepted: ``top_k``, ``min_p``, ``repetition_penalty``,
 ``min_tokens``, ``stop_token_ids``, ``ignore_eos``, ``include_stop_str_in_output``,
 ``skip_special_tokens``.
@@ -20,6 +23,7 @@ from protos import kvfabric_pb2 as pb
 from proxy.errors import bad_request
 
 MAX_LOGPROBS = 20
+MAX_N = 16
 
 
 class _Strict(BaseModel):
@@ -49,13 +53,11 @@ class _SamplingRequest(_Strict):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise bad_request("only n=1 is supported", param="n", code="unsupported_parameter")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", param="logit_bias", code="unsupported_parameter")
         if self.stream_options is not None and not self.stream:
@@ -66,7 +68,8 @@ class _SamplingRequest(_Strict):
         if any(t < 0 for t in self.stop_token_ids or []):
             raise bad_request("stop_token_ids must be non-negative", param="stop_token_ids")
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> pb.SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, index: int = 0) -> pb.SamplingParams:
+        """The engine's parameters for sequence ``index`` of the n (a seeded one gets seed + index)."""
         p = pb.SamplingParams(
             top_k=self.top_k or 0, min_p=self.min_p or 0.0,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
@@ -78,6 +81,8 @@ class _SamplingRequest(_Strict):
         for name in ("temperature", "top_p", "seed", "repetition_penalty"):
             if getattr(self, name) is not None:
                 setattr(p, name, getattr(self, name))
+        if self.seed is not None:
+            p.seed = (self.seed + index + 2**63) % 2**64 - 2**63
         if logprobs is not None:
             p.logprobs = logprobs
         return p
@@ -97,10 +102,12 @@ class CompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.best_of not in (None, 1):
-            raise bad_request("only best_of=1 is supported", param="best_of", code="unsupported_parameter")
-        if self.echo:
-            raise bad_request("echo is not supported", param="echo", code="unsupported_parameter")
+        if self.best_of not in (None, self.n):
+            raise bad_request("best_of must equal n (candidates are not ranked)", param="best_of",
+                              code="unsupported_parameter")
+        if self.echo and self.logprobs is not None:
+            raise bad_request("echo with logprobs is not supported (no prompt logprobs)", param="echo",
+                              code="unsupported_parameter")
         if self.suffix is not None:
             raise bad_request("suffix is not supported", param="suffix", code="unsupported_parameter")
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)) \
@@ -173,3 +180,32 @@ class ChatCompletionRequest(_SamplingRequest):
                 msg["name"] = m.name
             out.append(msg)
         return out
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a ``prompt`` (TokenizeCompletionRequest) or ``messages`` (TokenizeChatRequest)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # vLLM's defaults: true for a prompt, false for messages
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    def model_post_init(self, _context) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise bad_request("give exactly one of prompt and messages", param="prompt")
+        if self.messages is not None and not self.messages:
+            raise bad_request("messages is empty", param="messages")
+        if self.add_special_tokens is None:
+            self.add_special_tokens = self.prompt is not None
+
+    def as_chat(self) -> ChatCompletionRequest:
+        return ChatCompletionRequest(messages=self.messages, add_generation_prompt=self.add_generation_prompt,
+                                     chat_template_kwargs=self.chat_template_kwargs)
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]

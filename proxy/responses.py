@@ -25,6 +25,7 @@ class ResponseShape:
     logprobs: int | None  # top-n to report; None: no logprobs
     tokenizer: Any
     text_offset: int = 0  # completions: where the next chunk's text starts
+    index: int = 0  # which of the request's n choices this shape writes
     _token_cache: dict[int, str] = field(default_factory=dict)
 
     @property
@@ -37,11 +38,11 @@ class ResponseShape:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
             if finish_reason and not text and not first:
                 delta = {}
-            choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(token_ids, entries, text),
+            choice = {"index": self.index, "delta": delta, "logprobs": self._logprobs(token_ids, entries, text),
                       "finish_reason": finish_reason}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": text, "logprobs": self._logprobs(token_ids, entries, text),
+            choice = {"index": self.index, "text": text, "logprobs": self._logprobs(token_ids, entries, text),
                       "finish_reason": finish_reason, "stop_reason": None}
             obj = "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
@@ -51,18 +52,24 @@ class ResponseShape:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [],
                 "usage": body_usage}
 
-    def whole(self, text: str, token_ids: list[int], entries: list[pb.TokenLogprob], finish_reason: str | None,
-              body_usage: dict[str, Any]) -> dict[str, Any]:
+    def for_choice(self, index: int) -> "ResponseShape":
+        """The same response's writer for choice ``index`` (its own text offsets)."""
+        return ResponseShape(self.id, self.created, self.model, self.chat, self.logprobs, self.tokenizer,
+                             index=index)
+
+    def choice(self, text: str, token_ids: list[int], entries: list[pb.TokenLogprob],
+               finish_reason: str | None) -> dict[str, Any]:
         self.text_offset = 0
         logprobs = self._logprobs(token_ids, entries, text)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
-                      "stop_reason": None}
+            return {"index": self.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": finish_reason}
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+                "stop_reason": None}
+
+    def whole(self, choices: list[dict[str, Any]], body_usage: dict[str, Any]) -> dict[str, Any]:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [choice], "usage": body_usage}
+                "choices": choices, "usage": body_usage}
 
     # ---- logprobs --------------------------------------------------------------------------------
 

@@ -131,10 +131,15 @@ def running(*topologies: Topology):
             t.launch()
         yield [t.start() for t in topologies]
     finally:
-        leftovers = []
-        for t in topologies:
-            t.stop()
-            leftovers += t.children()
-        for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
-        assert not leftovers, f"orphan processes after shutdown: {leftovers}"
+        stop_and_check(*topologies)
+
+
+def stop_and_check(*topologies: Topology) -> None:
+    """Stop the topologies; fail (after killing them) if any of their processes outlived ``up``."""
+    leftovers = []
+    for t in topologies:
+        t.stop()
+        leftovers += t.children()
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"orphan processes after shutdown: {leftovers}"
