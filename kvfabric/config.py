@@ -39,6 +39,9 @@ class ProxySection:
     api_key: str | None = None
     served_model_name: str | None = None
     health_interval_s: float = 5.0  # how often the proxy checks each engine
+    max_body_bytes: int = 8 << 20  # larger request bodies get a 413 (0: no limit)
+    max_concurrent_per_key: int = 0  # in-flight requests per API key before a 429 (0: no limit)
+    max_queued_prompt_tokens: int = 0  # prompt tokens of unfinished requests before a 429 (0: no limit)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy.config import ProxyConfig
 from proxy.engine_client import EngineClient
 from proxy.errors import OpenAIError, install_error_handlers
+from proxy.limits import LimitsMiddleware
 from proxy.metrics import ProxyMetrics
 from proxy.protocol import ChatCompletionRequest, CompletionRequest
 from proxy.router import Router
@@ -52,6 +53,8 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
     app = FastAPI(title="kvfabric", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tokenizer = tokenizer
     install_error_handlers(app)
+    # Added first, so it runs inside the API-key check: an unauthenticated request takes no slot.
+    app.add_middleware(LimitsMiddleware, limits=config.limits)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     v1 = APIRouter(prefix="/v1")

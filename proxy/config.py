@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.limits import Limits
+
 
 @dataclass
 class ProxyConfig:
@@ -23,6 +25,9 @@ class ProxyConfig:
     prefill_timeout_s: float = 600.0  # a deadline for one Prefill RPC (long prompts queue)
     generate_timeout_s: float = 3600.0  # a deadline for one whole Generate stream
     abort_timeout_s: float = 2.0
+    max_body_bytes: int = 8 << 20  # a larger request body gets a 413 (0: no limit)
+    max_concurrent_per_key: int = 0  # in-flight requests per API key before a 429 (0: no limit)
+    max_queued_prompt_tokens: int = 0  # prompt tokens of unfinished requests before a 429 (0: no limit)
 
     def __post_init__(self) -> None:
         if self.api_key is None:
@@ -33,6 +38,7 @@ class ProxyConfig:
             raise ValueError("the proxy needs at least one decode or colocated instance")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len={self.max_model_len} leaves no room to generate")
+        self.limits = Limits(self.max_body_bytes, self.max_concurrent_per_key, self.max_queued_prompt_tokens)
 
     @property
     def default_model(self) -> str:
@@ -63,4 +69,7 @@ class ProxyConfig:
             colocated_addrs=list(getattr(args, "colocated", []) or []),
             api_key=getattr(args, "api_key", None) or cfg.proxy.api_key,
             health_interval_s=cfg.proxy.health_interval_s,
+            max_body_bytes=cfg.proxy.max_body_bytes,
+            max_concurrent_per_key=cfg.proxy.max_concurrent_per_key,
+            max_queued_prompt_tokens=cfg.proxy.max_queued_prompt_tokens,
         )

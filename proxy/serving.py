@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from proxy.config import ProxyConfig
 from proxy.engine_client import EngineClient, EngineRequest, RequestRoute
 from proxy.errors import OpenAIError, bad_request
+from proxy.limits import admit_prompt
 from proxy.metrics import ProxyMetrics, RequestTimer
 from proxy.protocol import ChatCompletionRequest, CompletionRequest
 from proxy.responses import ResponseShape, usage
@@ -119,6 +120,7 @@ class Serving:
     # ---- driving the stream ----------------------------------------------------------------------
 
     async def _run(self, req, raw: Request, shape: ResponseShape, prompt_ids: list[int], params) -> Response:
+        admit_prompt(raw, len(prompt_ids))  # a 429 when the queued-token budget is spent
         route = RequestRoute()
         stream = self.engines.stream(EngineRequest(shape.id, prompt_ids, params), route)
         timer = self.metrics.start(len(prompt_ids))
