@@ -49,6 +49,9 @@ class ProxySection:
     prefix_weight: float = 2.0
     load_weight: float = 1.0
     session_header: str = "x-session-id"
+    max_body_bytes: int = 8 << 20  # larger request bodies get a 413 (0: no limit)
+    max_concurrent_per_key: int = 0  # in-flight requests per API key before a 429 (0: no limit)
+    max_queued_prompt_tokens: int = 0  # prompt tokens of unfinished requests before a 429 (0: no limit)
 
 
 @dataclass

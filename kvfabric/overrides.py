@@ -18,6 +18,12 @@ _ENGINE_FLAGS = {  # flag -> (EngineSection field, type)
     "--attention-backend": ("attention_backend", str),
 }
 
+_LIMIT_FLAGS = {  # flag -> (ProxySection field, help)
+    "--max-body-bytes": ("max_body_bytes", "largest request body in bytes, else 413"),
+    "--max-concurrent-per-key": ("max_concurrent_per_key", "in-flight requests per API key, else 429"),
+    "--max-queued-prompt-tokens": ("max_queued_prompt_tokens", "prompt tokens of unfinished requests, else 429"),
+}
+
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config file (see kvfabric.example.yaml)")
@@ -43,6 +49,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require this bearer token at the proxy")
     for flag, (_, kind) in _ENGINE_FLAGS.items():
         p.add_argument(flag, type=kind, default=None)
+    for flag, (_, help_text) in _LIMIT_FLAGS.items():
+        p.add_argument(flag, type=int, default=None, help=f"proxy: {help_text} (0: no limit)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--disaggregation", choices=["always", "adaptive", "never"], default=None,
                    help="where prompts are prefilled: always on a prefill instance, adaptive per request, or "
@@ -81,6 +89,10 @@ def apply_config_flags(cfg: KVFabricConfig, args: argparse.Namespace) -> KVFabri
     for role in ("prefill", "decode"):
         if getattr(args, f"{role}_gpus", None) is not None:
             getattr(cfg, role).gpus = getattr(args, f"{role}_gpus")
+    for flag, (field_name, _) in _LIMIT_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None:
+            setattr(cfg.proxy, field_name, value)
     if getattr(args, "no_prefix_caching", False):
         cfg.engine.enable_prefix_caching = False
     return cfg

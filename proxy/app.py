@@ -15,6 +15,7 @@ from proxy.adaptive import AdaptivePrefill
 from proxy.config import ProxyConfig
 from proxy.engine_client import EngineClient
 from proxy.errors import OpenAIError, install_error_handlers
+from proxy.limits import LimitsMiddleware
 from proxy.metrics import ProxyMetrics
 from proxy.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from proxy.router import Router
@@ -55,6 +56,8 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
     app.state.tokenizer = tokenizer
     app.state.was_ready = False
     install_error_handlers(app)
+    # Added first, so it runs inside the API-key check: an unauthenticated request takes no slot.
+    app.add_middleware(LimitsMiddleware, limits=config.limits)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     v1 = APIRouter(prefix="/v1")

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.limits import Limits
+
 
 DISAGGREGATION_POLICIES = ("always", "adaptive", "never")
 
@@ -52,6 +54,9 @@ class ProxyConfig:
     prefix_weight: float = 2.0  # prefix policy: weight of the cached fraction of the prompt
     load_weight: float = 1.0  # prefix policy: weight of the instance's spare capacity
     session_header: str = "x-session-id"  # a request's session for affinity (else the `user` field)
+    max_body_bytes: int = 8 << 20  # a larger request body gets a 413 (0: no limit)
+    max_concurrent_per_key: int = 0  # in-flight requests per API key before a 429 (0: no limit)
+    max_queued_prompt_tokens: int = 0  # prompt tokens of unfinished requests before a 429 (0: no limit)
 
     def __post_init__(self) -> None:
         if self.api_key is None:
@@ -66,6 +71,7 @@ class ProxyConfig:
             raise ValueError(f"routing_policy must be one of {', '.join(POLICIES)}, got {self.routing_policy!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len={self.max_model_len} leaves no room to generate")
+        self.limits = Limits(self.max_body_bytes, self.max_concurrent_per_key, self.max_queued_prompt_tokens)
 
     @property
     def default_model(self) -> str:
@@ -99,4 +105,7 @@ class ProxyConfig:
             disaggregation=cfg.proxy.disaggregation,
             routing_policy=cfg.proxy.routing_policy, prefix_weight=cfg.proxy.prefix_weight,
             load_weight=cfg.proxy.load_weight, session_header=cfg.proxy.session_header,
+            max_body_bytes=cfg.proxy.max_body_bytes,
+            max_concurrent_per_key=cfg.proxy.max_concurrent_per_key,
+            max_queued_prompt_tokens=cfg.proxy.max_queued_prompt_tokens,
         )

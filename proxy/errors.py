@@ -15,6 +15,8 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "inval
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           500: "server_error", 503: "service_unavailable", 504: "timeout"}
 
+_BODY_UNPARSEABLE = "There was an error parsing the body"
+
 
 class OpenAIError(Exception):
     """An error the client sees as-is; raised anywhere in the request path."""
@@ -71,6 +73,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _BODY_UNPARSEABLE:  # FastAPI's words for bytes json refuses
+            return bad_request("malformed JSON body: not valid UTF-8 JSON", code="invalid_json").response()
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return OpenAIError(exc.status_code, str(exc.detail), code=code).response()
 

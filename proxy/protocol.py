@@ -15,7 +15,7 @@ Beyond OpenAI, vLLM's sampling extras are accepted: ``top_k``, ``min_p``, ``repe
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +24,7 @@ from proxy.errors import bad_request
 
 MAX_LOGPROBS = 20
 MAX_N = 16
+_INT32_MAX = 2**31 - 1  # the SamplingParams proto's int32 fields: a larger value is a 400, not a 500
 
 
 class _Strict(BaseModel):
@@ -39,15 +40,15 @@ class _SamplingRequest(_Strict):
     max_tokens: int | None = None
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=_INT32_MAX)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[Annotated[int, Field(le=_INT32_MAX)]] | None = None
+    min_tokens: int = Field(0, ge=0, le=_INT32_MAX)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True

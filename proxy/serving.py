@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from proxy.config import ProxyConfig
 from proxy.engine_client import EngineClient, EngineRequest, RequestRoute
 from proxy.errors import OpenAIError, bad_request
+from proxy.limits import admit_prompt
 from proxy.metrics import ProxyMetrics, RequestTimer
 from proxy.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from proxy.responses import ResponseShape, usage
@@ -153,6 +154,7 @@ class Serving:
     async def _run(self, req, raw: Request, shape: ResponseShape, prompt_ids: list[int], params: list,
                    echo: str = "") -> Response:
         """``params``: one SamplingParams per choice (n of them); ``echo``: text put before each choice's."""
+        admit_prompt(raw, len(prompt_ids) * len(params))  # a 429 when the queued-token budget is spent
         session = raw.headers.get(self.config.session_header) or req.user
         routes = [RequestRoute() for _ in params]
         ids = [shape.id] if len(params) == 1 else [f"{shape.id}-{i}" for i in range(len(params))]
