@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.config import ProxyConfig
+from proxy.discovery import InstanceFileWatcher
 from proxy.engine_client import EngineClient
 from proxy.errors import OpenAIError, install_error_handlers
 from proxy.metrics import ProxyMetrics
@@ -42,11 +43,17 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
         app.state.router, app.state.metrics = router, metrics
         app.state.serving = Serving(config, tokenizer, router, EngineClient(config, router), metrics)
         await router.start()
+        watcher = InstanceFileWatcher(config.instances_file, router, health_timeout_s=config.health_timeout_s) \
+            if config.instances_file else None
+        if watcher is not None:
+            await watcher.start()
         logger.info("proxy ready: prefill %s, decode %s, colocated %s", config.prefill_addrs,
                     config.decode_addrs, config.colocated_addrs)
         try:
             yield
         finally:
+            if watcher is not None:
+                await watcher.stop()
             await router.stop()
 
     app = FastAPI(title="kvfabric", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -23,8 +23,15 @@ class ProxyConfig:
     prefill_timeout_s: float = 600.0  # a deadline for one Prefill RPC (long prompts queue)
     generate_timeout_s: float = 3600.0  # a deadline for one whole Generate stream
     abort_timeout_s: float = 2.0
+    instances_file: str | None = None  # a JSON instance set the proxy watches (proxy/discovery.py)
 
     def __post_init__(self) -> None:
+        if self.instances_file:  # the file's set replaces the address lists, now and when it changes
+            from proxy.discovery import read_instances
+
+            sets = read_instances(self.instances_file)
+            self.prefill_addrs, self.decode_addrs, self.colocated_addrs = (
+                sets["prefill"], sets["decode"], sets["colocated"])
         if self.api_key is None:
             self.api_key = os.environ.get("KVFABRIC_API_KEY") or None
         if not self.served_model_names:
@@ -63,4 +70,5 @@ class ProxyConfig:
             colocated_addrs=list(getattr(args, "colocated", []) or []),
             api_key=getattr(args, "api_key", None) or cfg.proxy.api_key,
             health_interval_s=cfg.proxy.health_interval_s,
+            instances_file=getattr(args, "instances_file", None),
         )
