@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=None, help="the proxy's port (default 8000)")
     p.add_argument("--colocated", action="store_true", help="one engine does both phases (no prefill instance)")
     p.add_argument("--ready-timeout", type=float, default=300.0)
+    from kvfabric import ray_up  # here: ray_up imports this module
+
+    ray_up.add_flags(p)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -153,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = apply_config_flags(KVFabricConfig.load(args.config), args)
     if args.port is not None:
         cfg.proxy.port = args.port
+    if getattr(args, "ray", None):
+        from kvfabric import ray_up
+
+        return ray_up.run(cfg, args)
     server = lmcache_server_child(cfg)
     workdir = Path(tempfile.mkdtemp(prefix="kvfabric-up-"))
     config_path = workdir / "config.yaml"
