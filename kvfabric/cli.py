@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from kvfabric import bench_cmd, generate_cmd, health_cmd, serve_cmd, up_cmd
+from kvfabric import bench_cmd, generate_cmd, health_cmd, scale_cmd, serve_cmd, up_cmd
 
 COMMANDS = {
     "up": up_cmd,
@@ -14,6 +14,7 @@ COMMANDS = {
     "generate": generate_cmd,
     "bench": bench_cmd,
     "health": health_cmd,
+    "scale": scale_cmd,
 }
 
 

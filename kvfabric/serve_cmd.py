@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill", action="append", default=[], help="proxy: a prefill instance host:port")
     p.add_argument("--decode", action="append", default=[], help="proxy: a decode instance host:port")
     p.add_argument("--colocated", action="append", default=[], help="proxy: a colocated instance host:port")
+    p.add_argument("--instances-file", default=None,
+                   help="proxy: a JSON file {prefill: [...], decode: [...], colocated: [...]} of host:port "
+                        "lists, watched and applied when it changes (in place of the three flags above)")
 
 
 def build_engine(cfg: KVFabricConfig, role: str):

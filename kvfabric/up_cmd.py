@@ -47,6 +47,9 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=None, help="the proxy's port (default 8000)")
     p.add_argument("--colocated", action="store_true", help="one engine does both phases (no prefill instance)")
     p.add_argument("--ready-timeout", type=float, default=300.0)
+    from kvfabric import ray_up  # here: ray_up imports this module
+
+    ray_up.add_flags(p)
 
 
 UP_HELP = """Start proxy + prefill + decode on this machine, supervised, from one config plus flags.
@@ -187,6 +190,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = apply_config_flags(KVFabricConfig.load(args.config), args)
     if args.port is not None:
         cfg.proxy.port = args.port
+    if getattr(args, "ray", None):
+        from kvfabric import ray_up
+
+        return ray_up.run(cfg, args)
     if not args.colocated:  # decided once here: every engine reads the concrete name
         from kv_connector.auto import resolve_auto
 

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.adaptive import AdaptivePrefill
 from proxy.config import ProxyConfig
+from proxy.discovery import InstanceFileWatcher
 from proxy.engine_client import EngineClient
 from proxy.errors import OpenAIError, install_error_handlers
 from proxy.limits import LimitsMiddleware
@@ -45,11 +46,17 @@ def create_app(config: ProxyConfig, tokenizer=None) -> FastAPI:
         engines = EngineClient(config, router, AdaptivePrefill(config.disaggregation, router, metrics.registry))
         app.state.serving = Serving(config, tokenizer, router, engines, metrics)
         await router.start()
+        watcher = InstanceFileWatcher(config.instances_file, router, health_timeout_s=config.health_timeout_s) \
+            if config.instances_file else None
+        if watcher is not None:
+            await watcher.start()
         logger.info("proxy ready: prefill %s, decode %s, colocated %s", config.prefill_addrs,
                     config.decode_addrs, config.colocated_addrs)
         try:
             yield
         finally:
+            if watcher is not None:
+                await watcher.stop()
             await router.stop()
 
     app = FastAPI(title="kvfabric", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -57,8 +57,15 @@ class ProxyConfig:
     max_body_bytes: int = 8 << 20  # a larger request body gets a 413 (0: no limit)
     max_concurrent_per_key: int = 0  # in-flight requests per API key before a 429 (0: no limit)
     max_queued_prompt_tokens: int = 0  # prompt tokens of unfinished requests before a 429 (0: no limit)
+    instances_file: str | None = None  # a JSON instance set the proxy watches (proxy/discovery.py)
 
     def __post_init__(self) -> None:
+        if self.instances_file:  # the file's set replaces the address lists, now and when it changes
+            from proxy.discovery import read_instances
+
+            sets = read_instances(self.instances_file)
+            self.prefill_addrs, self.decode_addrs, self.colocated_addrs = (
+                sets["prefill"], sets["decode"], sets["colocated"])
         if self.api_key is None:
             self.api_key = os.environ.get("KVFABRIC_API_KEY") or None
         if not self.served_model_names:
@@ -108,4 +115,5 @@ class ProxyConfig:
             max_body_bytes=cfg.proxy.max_body_bytes,
             max_concurrent_per_key=cfg.proxy.max_concurrent_per_key,
             max_queued_prompt_tokens=cfg.proxy.max_queued_prompt_tokens,
+            instances_file=getattr(args, "instances_file", None),
         )

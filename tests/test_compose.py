@@ -3,6 +3,7 @@ default config (zmq), and the LMCache one that the ``lmcache`` profile's ``lmcac
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -117,3 +118,63 @@ def test_docker_compose_config_validates(profile, env):
     argv = ["docker", "compose"] + (["--profile", profile] if profile else []) + ["config", "-q"]
     r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env={**os.environ, **env})
     assert r.returncode == 0, r.stderr
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """Compose's merge tags (``!reset``, ``!override``) read as plain values."""
+
+
+for _tag in ("!reset", "!override"):
+    _ComposeLoader.add_constructor(_tag, lambda loader, node: (
+        loader.construct_mapping(node) if isinstance(node, yaml.MappingNode)
+        else loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else None))
+
+
+def test_gpu_engines_share_the_host_ipc_namespace_and_the_cpu_override_drops_the_gpus(compose):
+    services = compose["services"]
+    for role in ("prefill", "decode"):
+        assert services[role]["ipc"] == "host"  # the ipc connector maps memory across the two containers
+        assert services[role]["restart"] == "unless-stopped"
+    assert services["proxy"]["depends_on"] == {"prefill": {"condition": "service_healthy"},
+                                               "decode": {"condition": "service_healthy"}}
+    cpu = yaml.load((REPO / "docker-compose.cpu.yml").read_text(), Loader=_ComposeLoader)
+    assert cpu["services"] == {"prefill": {"deploy": {}}, "decode": {"deploy": {}}}
+    header = (REPO / "docker-compose.yml").read_text().split("x-kvfabric")[0]
+    assert "docker compose -f docker-compose.yml -f docker-compose.cpu.yml up" in header
+    assert _config_for(compose).proxy.host == "0.0.0.0"  # the published port reaches it
+
+
+def test_the_base_image_is_a_build_argument_defaulting_to_the_public_python_image(compose):
+    build = compose["x-kvfabric"]["build"]
+    assert build["args"]["BASE_IMAGE"] == "${KVFABRIC_BASE_IMAGE:-python:3.11-slim}"
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=python:3.11-slim\nFROM ${BASE_IMAGE}" in dockerfile
+
+
+def test_grafana_provisions_prometheus_and_the_dashboards_folder(compose):
+    grafana = compose["services"]["grafana"]
+    assert grafana["profiles"] == ["grafana"]
+    mounts = dict(v.rsplit(":", 1)[0].split(":") for v in grafana["volumes"])
+    assert mounts == {"./docker/grafana/provisioning": "/etc/grafana/provisioning",
+                      "./docker/grafana/dashboards": "/var/lib/grafana/dashboards"}
+    provisioning = REPO / "docker" / "grafana" / "provisioning"
+    [source] = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert source["url"] == "http://prometheus:9090" and source["type"] == "prometheus"
+    prometheus = yaml.safe_load((REPO / "docker" / "prometheus.yml").read_text())
+    assert prometheus["scrape_configs"][0]["static_configs"][0]["targets"] == ["proxy:8000"]
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "kvfabric.yml").read_text())["providers"]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="no docker client")
+def test_docker_compose_cpu_override_validates_without_gpu_reservations():
+    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("the docker compose plugin is not installed")
+    r = subprocess.run(["docker", "compose", "-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml", "config",
+                        "--format", "json"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    services = json.loads(r.stdout)["services"]
+    for role in ("prefill", "decode"):
+        assert "devices" not in json.dumps(services[role].get("deploy", {})), services[role]
+        assert services[role]["ipc"] == "host"
