@@ -27,7 +27,7 @@ lock that ``abort`` also takes, so no byte lands in an aborted request's blocks 
 
 Extra config: ``lease_s`` (30), ``max_held_fraction`` (0.5), ``recv_timeout_s`` (10), ``max_frame_bytes`` (16 MiB),
 ``frames_in_flight`` (4: a device cache's frames staged through pinned memory at once, zmq_staging.py),
-``streams`` (2: a load of 2+ frames a stream is striped over this many TCP connections),
+``streams`` (1: a load of 2+ frames a stream is striped over this many TCP connections),
 ``peer_idle_s`` (30: an idle producer socket is closed), ``advertise_host``.
 """
 
@@ -79,7 +79,7 @@ class ZmqConnector(HandoffConnector):
         self.frames_in_flight = int(config.extra("frames_in_flight", 4))  # device caches: staged frames
         self.peer_idle_s = float(config.extra("peer_idle_s", 30.0))
         # A large load is striped over this many TCP connections, each on its own ZeroMQ IO thread.
-        self.streams = max(1, int(config.extra("streams", 2)))
+        self.streams = max(1, int(config.extra("streams", 1)))
         self._ctx = zmq.Context(io_threads=self.streams)  # our own: shutdown proves every socket is closed
         self._server: _Server | None = None
         self._client: _Client | None = None
