@@ -100,6 +100,7 @@ class IpcConnector(ZmqConnector):
 
     def __init__(self, config: KVTransferConfig) -> None:
         super().__init__(config)
+        self.streams = 1  # its bytes never cross a socket: no striping
         self.use_cuda_ipc = bool(config.extra("cuda_ipc", True))
         # 8 x 32 MiB: the best ring tried through host memory on an H200 (docs/BENCHMARKS.md).
         self.ring_slots = max(1, int(config.extra("ring_slots", 8)))

@@ -25,12 +25,15 @@ by ``xfer`` id, and fails every transfer on a producer that has sent nothing for
 ``recv_timeout_s`` (unreachable, or died mid-transfer), closing that socket. Frame writes take a
 lock that ``abort`` also takes, so no byte lands in an aborted request's blocks afterwards.
 
-Extra config: ``lease_s`` (30), ``max_held_fraction`` (0.5), ``recv_timeout_s`` (10), ``max_frame_bytes`` (4 MiB),
+Extra config: ``lease_s`` (30), ``max_held_fraction`` (0.5), ``recv_timeout_s`` (10), ``max_frame_bytes`` (16 MiB),
+``frames_in_flight`` (4: a device cache's frames staged through pinned memory at once, zmq_staging.py),
+``streams`` (1: a load of 2+ frames a stream is striped over this many TCP connections),
 ``peer_idle_s`` (30: an idle producer socket is closed), ``advertise_host``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -39,15 +42,15 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 import zmq
 
 from kv_connector.base import KVConnectorRole, KVTransferConfig
 from kv_connector.handoff import HandoffConnector, Load, layout_mismatch
+from kv_connector.zmq_staging import RecvStaging, SendStaging
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +75,12 @@ class ZmqConnector(HandoffConnector):
     def __init__(self, config: KVTransferConfig) -> None:
         super().__init__(config)
         self.recv_timeout_s = float(config.extra("recv_timeout_s", 10.0))
-        self.max_frame_bytes = int(config.extra("max_frame_bytes", 4 << 20))
+        self.max_frame_bytes = int(config.extra("max_frame_bytes", 16 << 20))
+        self.frames_in_flight = int(config.extra("frames_in_flight", 4))  # device caches: staged frames
         self.peer_idle_s = float(config.extra("peer_idle_s", 30.0))
-        self._ctx = zmq.Context()  # our own: shutdown can prove every socket it opened is closed
+        # A large load is striped over this many TCP connections, each on its own ZeroMQ IO thread.
+        self.streams = max(1, int(config.extra("streams", 1)))
+        self._ctx = zmq.Context(io_threads=self.streams)  # our own: shutdown proves every socket is closed
         self._server: _Server | None = None
         self._client: _Client | None = None
 
@@ -129,6 +135,7 @@ class _Server(threading.Thread):
         self.sock.bind(f"tcp://{conn.config.kv_ip}:{conn.config.kv_port}")
         self.port = int(self.sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self._max_blocks = max(1, conn.max_frame_bytes // conn.wire_layout["block_bytes"])
+        self._staging: SendStaging | None = None  # made on the first read of a device cache
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -184,21 +191,40 @@ class _Server(threading.Thread):
             trackers = []
             try:
                 self._reply(ident, {"op": "accept", "xfer": xfer, "layout": self.conn.wire_layout})
-                for pos, first, n in _runs(block_ids, self._max_blocks):
-                    trackers.append(self._send_run(ident, xfer, pos, first, n))
-                    self.conn.count("bytes_sent", n * self.conn.wire_layout["block_bytes"])
+                if self.conn._blocks_np is None:
+                    self._send_staged(ident, xfer, block_ids)
+                else:
+                    for pos, first, n in _runs(block_ids, self._max_blocks):
+                        trackers.append(self._send_run(ident, xfer, pos, first, n))
+                        self.conn.count("bytes_sent", n * self.conn.wire_layout["block_bytes"])
             finally:
+                if self._staging is not None:  # no staging copy reads the held blocks any more
+                    self._staging.settle()
                 self.conn.holds.unpin(rid, trackers)
         except zmq.ZMQError as e:  # EHOSTUNREACH: the consumer left; its blocks expire or get released
             logger.warning("consumer of %s went away mid-send: %s", rid, e)
 
     def _send_run(self, ident: bytes, xfer: int, pos: int, first: int, n: int) -> zmq.MessageTracker:
-        blocks = self.conn._blocks
-        if self.conn._blocks_np is not None:
-            payload = self.conn._blocks_np[first:first + n]  # zero-copy view into the cache
-        else:
-            payload = blocks[first:first + n].cpu().numpy()  # a device cache is staged to host
+        payload = self.conn._blocks_np[first:first + n]  # zero-copy view into the cache
         return self.sock.send_multipart([ident, _HDR.pack(xfer, pos, n), payload], copy=False, track=True)
+
+    def _send_staged(self, ident: bytes, xfer: int, block_ids: list[int]) -> None:
+        """A device cache: frames staged through pinned buffers, copies pipelined with sends."""
+        if self._staging is None:
+            self._staging = SendStaging(self.conn._blocks, self.conn.max_frame_bytes, self.conn.frames_in_flight)
+        for pos, n, payload, buf in self._staging.frames(block_ids):
+            tracker = self.sock.send_multipart([ident, _HDR.pack(xfer, pos, n), payload], copy=False, track=True)
+            self._staging.sent(buf, tracker)
+            self.conn.count("bytes_sent", n * self.conn.wire_layout["block_bytes"])
+
+
+@dataclass(eq=False)
+class _Stripes:
+    """The parts of one load read over several connections: it is done when all are, failed once."""
+
+    members: list[_Xfer] = field(default_factory=list)
+    left: int = 0
+    failed: bool = False
 
 
 @dataclass(eq=False)
@@ -208,10 +234,33 @@ class _Xfer:
     local_ids: np.ndarray
     got: int = 0
     cancelled: bool = False
+    stripe: int = 0  # which connection to the producer reads it
+    stripes: _Stripes | None = None
+
+    @property
+    def head(self) -> _Xfer:
+        return self.stripes.members[0] if self.stripes is not None else self
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(blocks received, blocks asked for) of the whole load, every stripe counted."""
+        members = self.stripes.members if self.stripes is not None else [self]
+        return sum(x.got for x in members), sum(x.load.count for x in members)
+
+    def fail_once(self) -> bool:
+        """Whether this failure is the load's first (its other stripes are then cancelled)."""
+        if self.stripes is None:
+            return True
+        if self.stripes.failed:
+            return False
+        self.stripes.failed = True
+        for x in self.stripes.members:
+            x.cancelled = x.cancelled or x is not self
+        return True
 
 
 class _Peer:
-    def __init__(self, ctx: zmq.Context, host: str, port: int) -> None:
+    def __init__(self, ctx: zmq.Context, host: str, port: int, stripe: int = 0) -> None:
         self.name = f"{host}:{port}"
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 500)  # let a last done/release leave before close
@@ -239,21 +288,44 @@ class _Client(threading.Thread):
         self._wake_tx = conn._ctx.socket(zmq.PAIR)
         self._wake_tx.connect(addr)
         self._wake_lock = threading.Lock()
-        self._staging: torch.Tensor | None = None  # pinned host buffer for device caches
+        self._staging = RecvStaging(conn.max_frame_bytes, conn.frames_in_flight)  # device caches only
 
     # ---- scheduler-thread API ----------------------------------------------------------------------
 
     def submit(self, load: Load) -> None:
-        x = _Xfer(next(self._ids), load, np.asarray(load.local_block_ids, dtype=np.int64))
+        parts = self._split(load)
+        xs = [_Xfer(next(self._ids), part, np.asarray(part.local_block_ids, dtype=np.int64), stripe=i)
+              for i, part in enumerate(parts)]
+        if len(xs) > 1:
+            stripes = _Stripes(xs, len(xs))
+            for x in xs:
+                x.stripes = stripes
         with self._write_lock:
-            self._live[load.request_id] = x
-        self._command("load", x, None)
+            self._live[load.request_id] = xs[0]
+        for x in xs:
+            self._command("load", x, None)
+
+    def _split(self, load: Load) -> list[Load]:
+        """The load in ``streams`` position ranges, when it is worth several frames per stream."""
+        frames = load.count * self.conn.wire_layout["block_bytes"] // max(1, self.conn.max_frame_bytes)
+        k = min(self.conn.streams, frames // 2)
+        if k <= 1:
+            return [load]
+        bounds = [load.count * i // k for i in range(k + 1)]
+        return [dataclasses.replace(load, local_block_ids=load.local_block_ids[a:b], first=load.first + a,
+                                    count=b - a) for a, b in zip(bounds, bounds[1:])]
 
     def cancel(self, request_id: str) -> None:
         with self._write_lock:
             x = self._live.pop(request_id, None)
-            if x is not None:
-                x.cancelled = True
+            for member in (x.stripes.members if x is not None and x.stripes else [x] if x else []):
+                member.cancelled = True
+            self._settle_uploads()  # uploads already queued land before abort returns, never after
+
+    def _settle_uploads(self) -> None:
+        """Device caches: wait for every queued upload (before a load is reported either way)."""
+        if self.conn._copy_stream is not None:
+            self.conn._copy_stream.synchronize()
 
     def send(self, peer: tuple[str, int], msg: dict[str, Any]) -> None:
         self._command("send", peer, msg)
@@ -317,7 +389,7 @@ class _Client(threading.Thread):
             kind, a, b = self._cmds.get()
             if kind == "load" and not a.cancelled:
                 load = a.load
-                p = self._peer((load.remote_host, load.remote_port))
+                p = self._peer((load.remote_host, load.remote_port) + ((a.stripe,) if a.stripe else ()))
                 if not p.xfers:
                     p.last_heard = time.monotonic()  # the silence clock starts with our first ask
                 p.xfers[a.id] = a
@@ -370,57 +442,67 @@ class _Client(threading.Thread):
             if x.cancelled:
                 del p.xfers[xfer]
                 return
-            self.conn.write_blocks(x.local_ids[pos:pos + n], self._stage(src))
+            if self.conn._blocks_np is not None:
+                self.conn.write_blocks(x.local_ids[pos:pos + n], src)
+            else:  # queued on the copy stream; the next frame is received meanwhile
+                buf = self._staging.buffer(src.size)
+                self.conn.write_blocks(x.local_ids[pos:pos + n], RecvStaging.stage(buf, src), wait=False)
+                self._staging.uploaded(buf, self.conn._copy_stream)
         x.got += n
         self.conn.count("bytes_received", len(payload))
         if x.got == x.load.count:
             del p.xfers[xfer]
+            if x.stripes is not None:
+                x.stripes.left -= 1
+                if x.stripes.left > 0:
+                    return  # the load's other stripes are still coming
+            self._settle_uploads()
             p.sock.send(json.dumps({"op": "done", "request_id": x.load.remote_request_id}).encode())
             self._forget(x)
             self.conn.count("transfers")
             self.conn.load_done(x.load.request_id)
 
-    def _stage(self, src: np.ndarray) -> np.ndarray | torch.Tensor:
-        """Device caches: copy through pinned host memory, so the upload is a real async DMA."""
-        if self.conn._blocks_np is not None:
-            return src
-        if self._staging is None or self._staging.numel() < src.size:
-            self._staging = torch.empty(max(src.size, self.conn.max_frame_bytes), dtype=torch.uint8,
-                                        pin_memory=True)
-        staged = self._staging[:src.size].view(src.shape)
-        staged.numpy()[...] = src
-        return staged
-
     def _forget(self, x: _Xfer) -> None:
         with self._write_lock:
-            if self._live.get(x.load.request_id) is x:
+            if self._live.get(x.load.request_id) is x.head:
                 del self._live[x.load.request_id]
 
     def _fail(self, p: _Peer, x: _Xfer, why: str) -> None:
         p.xfers.pop(x.id, None)
+        self._settle_uploads()  # the engine frees the blocks once it hears: nothing may land after
         self._forget(x)
-        if not x.cancelled:
-            self.conn.load_failed(x.load.request_id, why)
+        if x.cancelled or not x.fail_once():
+            return  # aborted, or another stripe of the load failed first and released
+        self.conn.load_failed(x.load.request_id, why)
         p.sock.send(json.dumps({"op": "release", "request_id": x.load.remote_request_id}).encode())
 
     def _check_peers(self) -> None:
         now = time.monotonic()
         for key, p in list(self._peers.items()):
+            if key not in self._peers:
+                continue  # closed with a sibling stripe's connection below
             for x in [x for x in p.xfers.values() if x.cancelled]:
                 del p.xfers[x.id]
             silent = now - p.last_heard
             if p.xfers and silent > self.conn.recv_timeout_s:
-                doomed = list(p.xfers.values())
-                # Closed before the failures are reported: whoever sees one finds no socket to the
-                # peer left; a fresh socket later means no stale frames, no retries. Reported as
-                # released: a release would reopen a socket to a peer presumed dead, and a merely
-                # slow producer frees its held blocks at expiry.
-                self._close_peer(key, linger=0)
+                # The producer is presumed dead: every connection to it (a striped load's too) is
+                # closed before the failures are reported, so whoever sees one finds no socket to
+                # the peer left; a fresh socket later means no stale frames, no retries. Reported
+                # as released: a release would reopen a socket to a peer presumed dead, and a
+                # merely slow producer frees its held blocks when their lease runs out.
+                doomed = []
+                for k in [k for k in self._peers if k[:2] == key[:2]]:
+                    doomed += [x for x in self._peers[k].xfers.values() if not x.cancelled]
+                    self._close_peer(k, linger=0)
+                self._settle_uploads()
                 for x in doomed:
                     self._forget(x)
+                    if not x.fail_once():
+                        continue
+                    got, count = x.progress
                     self.conn.load_failed(x.load.request_id, (
                         f"producer {p.name} sent nothing for {silent:.1f}s (unreachable, or died "
-                        f"mid-transfer): got {x.got} of {x.load.count} blocks"), released=True)
+                        f"mid-transfer): got {got} of {count} blocks"), released=True)
             elif not p.xfers and silent > self.conn.peer_idle_s:
                 self._close_peer(key, linger=500)
 

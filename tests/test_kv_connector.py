@@ -115,7 +115,9 @@ def assert_clean(*conns) -> None:
 BYTES_CASES = [pytest.param(p.values[0], {}, marks=p.marks, id=p.values[0]) for p in NAMES] + [
     pytest.param("ucx", {"peer_error_handling": False}, marks=NAMES[3].marks, id="ucx-no-peer-errors"),
     # Two slots of two fp32 blocks: a load takes many fills, each slot is reused.
-    pytest.param("ipc", {"ring_slots": 2, "ring_slot_bytes": 2048, "share_host_cache": False}, id="ipc-small-ring")]
+    pytest.param("ipc", {"ring_slots": 2, "ring_slot_bytes": 2048, "share_host_cache": False}, id="ipc-small-ring"),
+    # One fp32 block a frame: every load of 6+ blocks is striped over three connections.
+    pytest.param("zmq", {"max_frame_bytes": 1024, "streams": 3}, id="zmq-striped")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -255,6 +257,23 @@ def test_renewals_stop_when_the_consumer_drops_the_request(connectors, name):
     consumer.request_finished(queued, [])  # finished (aborted) before it was matched: released at once
     sent, _, _ = poll(producer, lambda s, r, f: s, timeout=3)
     assert sent == {"p"} and producer.stats()["expired"] == 0
+    assert_clean(producer, consumer)
+
+
+def test_a_striped_load_that_fails_is_reported_once_and_leaks_nothing(connectors):
+    striped = {"max_frame_bytes": 1024, "streams": 3}
+    producer = connectors("zmq", "kv_producer", lease_s=0.2, **striped)
+    consumer = connectors("zmq", "kv_consumer", **striped)
+    params = produce(producer, "p", list(range(1, 17)), num_tokens=64)
+    poll(producer, lambda s, r, f: s, timeout=3)  # expired: every stripe's read is refused
+    consume(consumer, "d", params, list(range(20, 36)))
+    failures = []
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        failures += list(consumer.get_finished()[2].items())
+        time.sleep(0.01)
+    assert len(failures) == 1 and "not held here" in failures[0][1]
+    assert consumer.stats()["failures"] == 1
     assert_clean(producer, consumer)
 
 
