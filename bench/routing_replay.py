@@ -33,10 +33,11 @@ from kvfabric.up_cmd import free_port
 
 def start_fabric(policy: str, args, work: Path) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
-    cfg = {"dtype": "float32",
+    cfg = {"dtype": args.dtype,
            "engine": {"max_model_len": args.max_model_len, "kv_cache_bytes": args.kv_cache_mb << 20,
                       "max_num_batched_tokens": 1024, "block_size": args.block_size},
-           "proxy": {"port": port, "health_interval_s": 0.5, "routing_policy": policy},
+           "proxy": {"port": port, "health_interval_s": 0.5, "routing_policy": policy,
+                     "prefix_weight": args.prefix_weight, "load_weight": args.load_weight},
            "prefill": {"instances": args.prefill}, "decode": {"instances": args.decode},
            "kv_transfer_config": {"kv_connector": "zmq"},
            "kv_events_config": {"enable_kv_cache_events": True}}
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                    "blocks at --length-scale 1/64, so a shared trace block is a shared engine block")
     p.add_argument("--prefill", type=int, default=2)
     p.add_argument("--decode", type=int, default=2)
+    p.add_argument("--dtype", default="float32", help="float32 on CPU; bfloat16 on a GPU")
+    p.add_argument("--prefix-weight", type=float, default=2.0)
+    p.add_argument("--load-weight", type=float, default=1.0)
     p.add_argument("--slo", default="ttft=5s,tpot=500ms")
     p.add_argument("--output", default="bench_results/routing")
     args = p.parse_args(argv)
