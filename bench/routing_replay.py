@@ -101,6 +101,25 @@ def run_policy(policy: str, args, work: Path, out_dir: Path) -> dict:
             "routing_decisions": {k: v for k, v in delta.items() if k.startswith("kvfabric_routing")}}
 
 
+def multi_turn_trace(trace: str, start: int, window: int, dest: Path) -> Path:
+    """The requests of ``trace[start:start + window]`` whose conversation has another turn there.
+
+    A conversation is named by its first two hash blocks (the first is the system prompt every
+    request shares). In any stretch of the Mooncake conversation trace only ~10 % of the requests
+    continue a conversation of the same stretch, so a prefix-aware router can change the latency
+    of few of them; this keeps the multi-turn ones, in trace order with their own timestamps, which
+    is the workload cache-aware routing exists for.
+    """
+    records = [json.loads(line) for line in Path(trace).read_text().splitlines() if line.strip()]
+    records = records[start:start + window]
+    turns: dict[tuple, int] = {}
+    for r in records:
+        turns[tuple(r["hash_ids"][:2])] = turns.get(tuple(r["hash_ids"][:2]), 0) + 1
+    kept = [r for r in records if len(r["hash_ids"]) > 1 and turns[tuple(r["hash_ids"][:2])] > 1]
+    dest.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return dest
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -143,9 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-weight", type=float, default=1.0)
     p.add_argument("--slo", default="ttft=5s,tpot=500ms")
     p.add_argument("--output", default="bench_results/routing")
+    p.add_argument("--multi-turn-window", type=int, default=0,
+                   help="replay only the multi-turn conversations of this many trace requests from --start "
+                        "(0: the trace as it is)")
     args = p.parse_args(argv)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.multi_turn_window:
+        args.trace = str(multi_turn_trace(args.trace, args.start, args.multi_turn_window,
+                                          out_dir / "multi_turn_trace.jsonl"))
+        args.start = 0
     env = environment()  # now: the commit the runs use, not whatever HEAD is when they end
     results = []
     with tempfile.TemporaryDirectory(prefix="kvfabric-routing-") as work:
