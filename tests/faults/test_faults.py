@@ -91,6 +91,37 @@ def _abort_waiting_for_kv():
     return fault
 
 
+def _peer_closes_mid_read():
+    """Peers of each producer's KV socket that hang up mid-message, over and over during the load:
+    half a ZMTP greeting then close, and a zmq read for a request that leaves before the reply."""
+    async def fault(cluster, load):
+        import socket
+
+        import zmq
+
+        from tests.test_hardening import _listening
+
+        await _after_first_tokens(load, 4)
+        pids = [cluster.pid("prefill", p) for p in cluster.ports["prefill"]]
+        kv_ports = {port for _, port, _ in _listening([p for p in pids if p])} - set(cluster.ports["prefill"])
+        assert kv_ports, "no producer KV socket found"
+        ctx = zmq.Context()
+        try:
+            for _ in range(20):
+                for port in kv_ports:
+                    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                        s.sendall(b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f\x03")  # the greeting, cut short
+                    d = ctx.socket(zmq.DEALER)
+                    d.setsockopt(zmq.LINGER, 0)
+                    d.connect(f"tcp://127.0.0.1:{port}")
+                    d.send(b'{"op": "read", "xfer": 1, "request_id": "gone", "first": 0, "count": 4, "layout": {}}')
+                    d.close()
+                await asyncio.sleep(0.05)
+        finally:
+            ctx.term()
+    return fault
+
+
 SCENARIOS = {
     "sigkill-prefill": (_kill("prefill", 0), set()),
     "sigkill-decode": (_kill("decode", 1), set()),
@@ -98,6 +129,7 @@ SCENARIOS = {
     "abort-storm": (_abort_storm, set(range(0, CONCURRENCY, 2))),
     "abort-waiting-for-remote-kv": (_abort_waiting_for_kv(), set()),
     "proxy-restart": (_kill("proxy", 0), set()),
+    "transport-peer-closes-mid-read": (_peer_closes_mid_read(), set()),
     "decode-backlog-past-lease": (_stop_for([("decode", 0), ("decode", 1)], LEASE_S + 2), set()),
 }
 
