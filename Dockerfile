@@ -4,17 +4,15 @@
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 WORKDIR /opt/kvfabric
-ENV PIP_NO_CACHE_DIR=1
+# Metadata first: on a copy-per-layer storage driver (vfs) every step after the heavy layer
+# costs a full copy of it, so only the sources come after it.
+ENV PIP_NO_CACHE_DIR=1 PATH=/opt/kvfabric/.venv/bin:$PATH PYTHONPATH=/opt/kvfabric
+ENTRYPOINT ["kvfabric"]
 # The heavy layer (torch and every dependency, several GB) depends only on these two files, so a
-# change to the sources rebuilds the light layers below it and keeps this one from the cache.
-# README.md is a placeholder here: pyproject names it and the real one comes with the sources.
+# change to the sources keeps it from the cache. README.md is a placeholder (pyproject names it).
+# kvfabric itself is installed here with no packages yet: its `kvfabric` command, and PYTHONPATH
+# finds the sources copied below. The bundled model is converted on first use (about 20 s).
 COPY pyproject.toml ./
 COPY scripts/setup scripts/setup
 RUN touch README.md && bash scripts/setup
 COPY . .
-# Installs kvfabric itself (the dependencies are in place), then converts the bundled model at
-# build time so containers start without the 20 s conversion.
-RUN bash scripts/setup \
- && .venv/bin/python -c "from engine.models import resolve_model_path; resolve_model_path(None)"
-ENV PATH=/opt/kvfabric/.venv/bin:$PATH
-ENTRYPOINT ["kvfabric"]

@@ -52,7 +52,8 @@ def pick_connector(kv: dict, nodes: int, gpus: bool) -> dict:
         return kv
     choice = "zmq"
     if gpus:
-        choice = next((c for c, mod in (("nixl", "nixl"), ("ucx", "ucxx")) if importlib.util.find_spec(mod)), "zmq")
+        wheels = {"nixl": ("nixl", "nixl_cu13", "nixl_cu12"), "ucx": ("ucxx",)}
+        choice = next((c for c, mods in wheels.items() if any(importlib.util.find_spec(m) for m in mods)), "zmq")
     logger.info("kv_connector %s is same-host only and the cluster has %d nodes: using %s",
                 kv["kv_connector"], nodes, choice)
     return {**kv, "kv_connector": choice}

@@ -69,6 +69,8 @@ def image() -> str:
     dependency) is cached by the daemon until pyproject.toml or scripts/setup changes."""
     _docker("build", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE}", "-t", IMAGE, str(REPO),
             timeout=3000)
+    # The previous build's image lost its tag: drop it (its sources layer is a full copy under vfs).
+    _docker("image", "prune", "-f", timeout=600)
     return IMAGE
 
 
@@ -186,7 +188,7 @@ def _streamed_completion(url: str) -> str:
 
 def test_the_image_installed_everything_from_the_package_index(image):
     """scripts/setup ran in a clean Debian 12 container with no local wheels: the index's torch
-    (a CUDA 13 build that runs on CPU) and the UCX/NIXL wheels built for it, Ray, the model."""
+    (a CUDA 13 build that runs on CPU) and the UCX/NIXL wheels built for it, Ray, the bundled model."""
     probe = ("import torch, ucxx, nixl, ray, kvfabric, engine.models as m; "
              "print(torch.__version__, torch.version.cuda, m.resolve_model_path(None))")
     r = _docker("run", "--rm", "--network", "host", "--entrypoint", "python", image, "-c", probe, timeout=300)
