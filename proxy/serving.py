@@ -158,7 +158,7 @@ class Serving:
         session = raw.headers.get(self.config.session_header) or req.user
         routes = [RequestRoute() for _ in params]
         ids = [shape.id] if len(params) == 1 else [f"{shape.id}-{i}" for i in range(len(params))]
-        streams = [self.engines.stream(EngineRequest(rid, prompt_ids, p, session), route)
+        streams = [self.engines.stream(EngineRequest(rid, prompt_ids, p, session=session), route)
                    for rid, p, route in zip(ids, params, routes)]
         stream = streams[0] if len(streams) == 1 else _merged(streams)
         timer = self.metrics.start(len(prompt_ids), routes[0])

@@ -44,6 +44,10 @@ def _docker(*argv: str, timeout: float = 120, check: bool = True, **kw) -> subpr
 
 
 def _why_no_docker() -> str | None:
+    # Opt-in: with the vfs storage driver each container copies the ~7 GB image, which a shared
+    # CI disk cannot hold (docs/deploy.md); KVFABRIC_DOCKER_TESTS=1 runs them.
+    if os.environ.get("KVFABRIC_DOCKER_TESTS") != "1":
+        return "docker tests are opt-in: set KVFABRIC_DOCKER_TESTS=1 (each container copies the image under vfs)"
     if shutil.which("docker") is None:
         return "no docker client on PATH (bash scripts/docker_env.sh installs one)"
     try:
@@ -189,7 +193,8 @@ def _streamed_completion(url: str) -> str:
 def test_the_image_installed_everything_from_the_package_index(image):
     """scripts/setup ran in a clean Debian 12 container with no local wheels: the index's torch
     (a CUDA 13 build that runs on CPU) and the UCX/NIXL wheels built for it, Ray, the bundled model."""
-    probe = ("import torch, ucxx, nixl, ray, kvfabric, engine.models as m; "
+    probe = ("import torch, ucxx, ray, kvfabric, engine.models as m; from kv_connector.nixl_connector import nixl_api; "
+             "nixl_api(); "
              "print(torch.__version__, torch.version.cuda, m.resolve_model_path(None))")
     r = _docker("run", "--rm", "--network", "host", "--entrypoint", "python", image, "-c", probe, timeout=300)
     version, cuda, model_dir = r.stdout.split()[-3:]
