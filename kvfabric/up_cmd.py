@@ -69,6 +69,19 @@ class Child:
         self.started_at = time.monotonic()
 
 
+def _instance_config(cfg: KVFabricConfig, config_path: Path, serve_role: str, name: str, instances: int) -> Path:
+    """The config one instance serves from. A disk tier is one process's directory (it flocks it),
+    so with several instances of a role that keeps tiers each gets ``<path>/<name>`` of its own."""
+    disk = (cfg.tiers or {}).get("disk")
+    if not disk or instances < 2 or serve_role not in ("prefill", "colocated"):
+        return config_path
+    data = cfg.to_dict()
+    data["tiers"] = {**data["tiers"], "disk": {**disk, "path": str(Path(disk["path"]) / name)}}
+    own = config_path.with_name(f"config.{name}.yaml")
+    own.write_text(yaml.safe_dump(data))
+    return own
+
+
 def build_children(cfg: KVFabricConfig, config_path: Path, colocated: bool) -> tuple[list[Child], dict]:
     exe = [sys.executable, "-m", "kvfabric.cli"]
     children, addrs = [], {"prefill": [], "decode": []}
@@ -79,7 +92,8 @@ def build_children(cfg: KVFabricConfig, config_path: Path, colocated: bool) -> t
             port = section.ports[i] if i < len(section.ports) else free_port(section.host)
             addrs[role].append(f"{section.host}:{port}")
             serve_role = "colocated" if colocated else role
-            children.append(Child(f"{role}{i}", exe + ["serve", serve_role, "--config", str(config_path),
+            own = _instance_config(cfg, config_path, serve_role, f"{role}{i}", section.instances)
+            children.append(Child(f"{role}{i}", exe + ["serve", serve_role, "--config", str(own),
                                                       "--host", section.host, "--port", str(port)]))
     proxy_argv = exe + ["serve", "proxy", "--config", str(config_path), "--port", str(cfg.proxy.port)]
     for a in addrs["prefill"]:
