@@ -94,6 +94,19 @@ class Child:
         self.started_at = time.monotonic()
 
 
+def _instance_config(cfg: KVFabricConfig, config_path: Path, serve_role: str, name: str, instances: int) -> Path:
+    """The config one instance serves from. A disk tier is one process's directory (it flocks it),
+    so with several instances of a role that keeps tiers each gets ``<path>/<name>`` of its own."""
+    disk = (cfg.tiers or {}).get("disk")
+    if not disk or instances < 2 or serve_role not in ("prefill", "colocated"):
+        return config_path
+    data = cfg.to_dict()
+    data["tiers"] = {**data["tiers"], "disk": {**disk, "path": str(Path(disk["path"]) / name)}}
+    own = config_path.with_name(f"config.{name}.yaml")
+    own.write_text(yaml.safe_dump(data))
+    return own
+
+
 def build_children(cfg: KVFabricConfig, config_path: Path, colocated: bool) -> tuple[list[Child], dict]:
     exe = [sys.executable, "-m", "kvfabric.cli"]
     children, addrs = [], {"prefill": [], "decode": []}
@@ -110,7 +123,8 @@ def build_children(cfg: KVFabricConfig, config_path: Path, colocated: bool) -> t
             addrs[role].append(f"{section.host}:{port}")
             serve_role = "colocated" if colocated else role
             where = placements[role][i]
-            argv = exe + ["serve", serve_role, "--config", str(config_path), "--host", section.host, "--port", str(port)]
+            own = _instance_config(cfg, config_path, serve_role, f"{role}{i}", section.instances)
+            argv = exe + ["serve", serve_role, "--config", str(own), "--host", section.host, "--port", str(port)]
             env = {}
             if where.gpus:
                 env["CUDA_VISIBLE_DEVICES"] = where.cuda_visible_devices(all_gpus)

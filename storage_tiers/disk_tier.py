@@ -16,7 +16,8 @@ u32 crc32 of key + payload, then the key, then the payload. Files live at
   caught by the size check at start-up or the checksum at read.
 - **Disk full** (ENOSPC, EDQUOT): the write is dropped, the tier caps itself at what it holds now
   (later puts evict older files to make room), one warning is logged, and serving goes on from
-  CPU or by recompute. An unwritable path is an error at construction, i.e. at start-up.
+  CPU or by recompute. A disk already full at start-up starts the tier capped at what it holds;
+  an unwritable path is an error at construction, i.e. at start-up.
 - One process per directory: an exclusive ``flock`` on ``<path>/.lock`` refuses a second one.
 """
 
@@ -85,8 +86,13 @@ class DiskTier(StorageTier):
                             recovered_deleted=0)
         self._warned: set[str] = set()
         self._closed = False
+        self._full_at_start: OSError | None = None
         self._lock_fd = self._open_root()
         self._rebuild_index()
+        if self._full_at_start is not None:
+            self._cap = self._used
+            self._warn_once("full", "disk tier %s: the disk is full at start (%s); capping the tier at the %d B it "
+                                    "holds", self.root, self._full_at_start, self._cap)
         self._pool = ThreadPoolExecutor(max(1, int(io_threads)), thread_name_prefix="kv-disk-write")
         self._read_pool = ThreadPoolExecutor(max(2, int(io_threads)), thread_name_prefix="kv-disk-read")
 
@@ -94,12 +100,18 @@ class DiskTier(StorageTier):
 
     def _open_root(self) -> int:
         hint = "check the disk tier's 'path' in the tiers config"
+        probe = self.root / f".probe.{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".probe.{os.getpid()}"
-            probe.write_bytes(b"kvfabric")
-            os.replace(probe, self.root / f".probe.{os.getpid()}.done")
-            os.unlink(self.root / f".probe.{os.getpid()}.done")
+            try:
+                probe.write_bytes(b"kvfabric")
+                os.replace(probe, self.root / f".probe.{os.getpid()}.done")
+                os.unlink(self.root / f".probe.{os.getpid()}.done")
+            except OSError as e:  # a full disk is writable: serve what it holds, as a write's ENOSPC does
+                if e.errno not in _FULL_ERRNOS:
+                    raise
+                self._unlink(probe)
+                self._full_at_start = e
             fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise StorageTierError(f"disk tier path {str(self.root)!r} is not a writable directory: {e} ({hint})") from e

@@ -90,8 +90,12 @@ class Cluster:
 
     def __init__(self, workdir: Path, model_dir: Path, extra: dict | None = None) -> None:
         self.workdir = workdir
-        self.ports = {"prefill": [free_port(), free_port()], "decode": [free_port(), free_port()]}
-        self.proxy_port = free_port()
+        ports: list[int] = []
+        while len(ports) < 5:  # free_port can hand the same just-released port out twice
+            if (p := free_port()) not in ports:
+                ports.append(p)
+        self.ports = {"prefill": ports[0:2], "decode": ports[2:4]}
+        self.proxy_port = ports[4]
         lease = {"expiry_s": LEASE_S, "lease_s": LEASE_S, "recv_timeout_s": RECV_TIMEOUT_S, "peer_idle_s": 5}
         cfg = {
             "model": str(model_dir), "dtype": "float32",
@@ -261,6 +265,14 @@ def probe(cluster: Cluster, job: Job, timeout: float = RECOVERY_LIMIT_S) -> floa
 
 def shm_entries() -> set[str]:
     return {p.name for p in Path("/dev/shm").iterdir()} if Path("/dev/shm").exists() else set()
+
+
+def check_no_shm_left(before: set[str], pids) -> None:
+    """No /dev/shm segment of these processes outlives the fault. Segments are named
+    kvfabric-<pid>-<n>; other tests on this machine may have their own."""
+    ours = {str(p) for p in pids if p}
+    leftover = {s for s in shm_entries() - before if s.split("-")[1:2] and s.split("-")[1] in ours}
+    assert not leftover, f"shared-memory segments left behind: {leftover}"
 
 
 def wait_engines_clean(cluster: Cluster, baseline: dict, timeout: float = LEASE_S + 20) -> dict:

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from tests.faults.cluster import (LEASE_S, RECOVERY_LIMIT_S, Cluster, Load, check_answers, greedy_answers, probe,
-                                  shm_entries, trace_jobs, wait_engines_clean)
+from tests.faults.cluster import (LEASE_S, RECOVERY_LIMIT_S, Cluster, Load, check_answers, check_no_shm_left,
+                                  greedy_answers, probe, shm_entries, trace_jobs, wait_engines_clean)
 
 REPEAT = int(os.environ.get("KVFABRIC_FAULTS_REPEAT", "1"))
 CONCURRENCY = 32
@@ -41,9 +41,14 @@ def cluster(tmp_path_factory, tiny_model_dir, jobs):
         yield c.start()
     finally:
         c.stop()
-        if os.environ.get("KVFABRIC_FAULTS_REPORT") and RESULTS:
-            with open(os.environ["KVFABRIC_FAULTS_REPORT"], "w") as f:
-                json.dump(RESULTS, f, indent=1)
+        write_report()
+
+
+def write_report() -> None:
+    """Every scenario's outcomes so far (of this module and test_disk_tier's) to the report file."""
+    if os.environ.get("KVFABRIC_FAULTS_REPORT") and RESULTS:
+        with open(os.environ["KVFABRIC_FAULTS_REPORT"], "w") as f:
+            json.dump(RESULTS, f, indent=1)
 
 
 async def _after_first_tokens(load: Load, n: int, timeout: float = 60) -> None:
@@ -139,7 +144,7 @@ SCENARIOS = {
 def test_fault_under_load(name, repeat, cluster, jobs):
     fault, leave = SCENARIOS[name]
     load_jobs, probe_job = jobs[:CONCURRENCY], jobs[CONCURRENCY]
-    assert _wait(cluster.all_healthy, 120), "the topology is not fully healthy before the fault"
+    assert wait_until(cluster.all_healthy, 120), "the topology is not fully healthy before the fault"
     baseline = {port: cluster.stats(role, port)["num_blocks"] - 1 for role, port in cluster.engines()}
     shm_before = shm_entries()
     pids_before = {(r, p): cluster.pid(r, p) for r, p in cluster.engines()}
@@ -149,19 +154,16 @@ def test_fault_under_load(name, repeat, cluster, jobs):
     load_done = time.monotonic()
     counts = check_answers(load_jobs, load.outcomes)
     recovery = probe(cluster, probe_job, RECOVERY_LIMIT_S)
-    assert _wait(cluster.all_healthy, 120), "a restarted instance did not rejoin"
+    assert wait_until(cluster.all_healthy, 120), "a restarted instance did not rejoin"
     restarted = sum(cluster.pid(r, p) != pid for (r, p), pid in pids_before.items())
     wait_engines_clean(cluster, baseline)
-    # Segments are named kvfabric-<pid>-<n>; other tests on this machine may have their own.
-    ours = {str(p) for p in [*pids_before.values(), *cluster.all_pids()] if p}
-    leftover = {s for s in shm_entries() - shm_before if s.split("-")[1:2] and s.split("-")[1] in ours}
-    assert not leftover, f"shared-memory segments left behind: {leftover}"
+    check_no_shm_left(shm_before, [*pids_before.values(), *cluster.all_pids()])
     RESULTS.append({"scenario": name, "repeat": repeat, **counts, "blocks_leaked": 0,
                     "recovery_s": round(recovery, 2), "restarted_instances": restarted,
                     "load_s": round(load_done - started, 1)})
 
 
-def _wait(predicate, timeout: float) -> bool:
+def wait_until(predicate, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
